@@ -11,8 +11,9 @@ Per generated token t the request records (PAPER §1 needs all of them):
                        (log-softmax of the raw logits, before temperature / top-k / top-p), so it
                        is comparable with the trainer's log π_train(θ_old) for the IcePop ratio k;
   * ``versions[t]``    the policy version of the weights that sampled it;
-  * ``expert_ids[t]``  optionally, the routed experts per MoE layer, int32 [L_moe, K] (router
-                       replay and expert-flip metrics).
+  * ``expert_ids[t]``  optionally, the routed experts per MoE layer, int32 [L_moe, K], of the
+                       forward step that sampled token t (its input is the token at position
+                       P + t - 1), for router replay and expert-flip metrics.
 """
 from __future__ import annotations
 
