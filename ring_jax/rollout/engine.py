@@ -1,0 +1,298 @@
+"""The rollout engine: continuous batching over a fixed set of KV-cache slots (PAPER §2, §3).
+
+Host loop around the two jitted programs of `device_step`:
+
+  * ``add(requests)`` validates and queues requests (new, or resumed with tokens generated under
+    earlier policy versions);
+  * ``step(token_budget)`` repeatedly (1) prefills waiting requests into free slots (prompt +
+    already generated tokens, under the current weights; this samples each one's next token),
+    then (2) runs up to ``decode_chunk`` decode steps over all slots in one device program,
+    moving back only the sampled tokens, log-probs and (if recorded) expert ids. The decode
+    program returns early when a slot finishes while requests wait, so the freed slot is
+    refilled at once (continuous batching), and it never runs more steps than the remaining
+    token budget needs;
+  * ``drain()`` hands back every unfinished request with everything it has so far;
+  * ``load_weights(variables, version)`` casts (and reshards) trainer weights on device; requests
+    in flight are re-prefilled under the new weights at the next step, as C3PO++ resumes
+    partial rollouts (their earlier tokens keep their log-probs and versions).
+
+Every generated token records its id, the log-prob of the *raw* (untempered, untruncated)
+distribution (`sampling`), the policy version and, with ``record_expert_ids``, the routed expert
+ids per MoE layer of the forward step that sampled it.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ring_jax import config as config_lib
+from ring_jax.rollout import device_step
+from ring_jax.rollout.types import FINISH_LENGTH, FINISH_STOP, Request, StepOutput
+
+_FINISH_NAMES = {device_step.FINISH_STOP: FINISH_STOP, device_step.FINISH_LENGTH: FINISH_LENGTH}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run; nothing was queued (the caller still owns them all)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 8  # sequences decoded together (the decode batch)
+    max_len: int = 512  # prompt + response tokens per sequence (the KV cache length)
+    decode_chunk: int = 16  # most decode steps per device program / host round trip
+    record_expert_ids: bool = False
+    max_stop_tokens: int = 8  # stop token ids per request (padded on device)
+    min_prefill_len: int = 16  # smallest prompt-length bucket (buckets are powers of two)
+
+    def __post_init__(self):
+        config_lib.check_int("num_slots", self.num_slots, min_value=1)
+        config_lib.check_int("max_len", self.max_len, min_value=2)
+        config_lib.check_int("decode_chunk", self.decode_chunk, min_value=1)
+        config_lib.check_int("max_stop_tokens", self.max_stop_tokens, min_value=1)
+        config_lib.check_int("min_prefill_len", self.min_prefill_len, min_value=1)
+
+
+def _bucket(n: int, smallest: int, largest: int) -> int:
+    """The smallest power-of-two multiple of ``smallest`` ≥ n, capped at ``largest``."""
+    return min(largest, smallest * 2 ** max(0, math.ceil(math.log2(max(n, 1) / smallest))))
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A request in a slot and what it generated since it was (re)inserted."""
+
+    request: Request
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    expert_ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def record(self, token: int, logprob: float, version: int,
+               expert_ids: np.ndarray | None) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.versions.append(version)
+        if expert_ids is not None:
+            self.expert_ids.append(expert_ids)
+
+    def flush(self, finish_reason: str | None = None) -> Request:
+        """The request with everything generated so far appended (a new object)."""
+        r = self.request
+        expert_ids = r.expert_ids
+        if self.expert_ids and (expert_ids is not None or r.num_generated == 0):
+            new = np.stack(self.expert_ids).astype(np.int32)
+            expert_ids = new if expert_ids is None else np.concatenate([expert_ids, new])
+        return dataclasses.replace(
+            r, tokens=np.concatenate([r.tokens, np.asarray(self.tokens, np.int32)]),
+            logprobs=np.concatenate([r.logprobs, np.asarray(self.logprobs, np.float32)]),
+            versions=np.concatenate([r.versions, np.asarray(self.versions, np.int32)]),
+            expert_ids=expert_ids, finish_reason=finish_reason)
+
+
+class Engine:
+    """Continuous-batching generation over ``num_slots`` KV-cache slots (module docstring).
+
+    ``forward(variables, tokens_BT, positions_BT, cache) -> (logits_BTV, expert_ids_LBTK | None,
+    cache)`` and ``init_cache(batch, max_len)`` define the model; `from_model` builds them from
+    a ring_jax ``ModelConfig`` with the inference precision policy. ``prepare_weights`` maps
+    trainer variables to the engine's (cast, quantized, sharded); it runs jitted on device.
+    """
+
+    def __init__(self, forward, init_cache, variables: Any, config: EngineConfig, *,
+                 vocab_size: int, prepare_weights=None, version: int = 0,
+                 state_sharding: Any = None):
+        self.config = config
+        self.num_slots = config.num_slots
+        self.vocab_size = vocab_size
+        self.version = version
+        self._fns = device_step.StepFns(
+            forward=forward, init_cache=lambda b: init_cache(b, config.max_len),
+            num_slots=config.num_slots, max_len=config.max_len,
+            max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk)
+        self._prepare = jax.jit(prepare_weights or (lambda v: v))
+        self._prefill = jax.jit(self._fns.prefill, donate_argnums=1)
+        self._decode = jax.jit(self._fns.decode, donate_argnums=1)
+        self._deactivate = jax.jit(self._fns.deactivate, donate_argnums=0)
+        self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
+        self._variables = self._prepare(variables)
+        self._pending: collections.deque[Request] = collections.deque()
+        self._slots: list[_Slot | None] = [None] * config.num_slots
+
+    # ------------------------------------------------------------------ public API
+
+    def add(self, requests: Sequence[Request]) -> None:
+        """Queues requests (resumed ones keep their tokens); all or none (`RequestError`)."""
+        in_flight = {r.request_id for r in self._pending}
+        in_flight |= {s.request.request_id for s in self._slots if s is not None}
+        problems = []
+        for r in requests:
+            problem = self._check(r)
+            if problem is None and r.request_id in in_flight:
+                problem = "a request with this id is already in the engine"
+            in_flight.add(r.request_id)
+            if problem is not None:
+                problems.append(f"request {r.request_id!r}: {problem}")
+        if problems:
+            raise RequestError("no request was queued; " + "; ".join(problems))
+        self._pending.extend(requests)
+
+    def step(self, token_budget: int | None = None) -> StepOutput:
+        """Generates until ``token_budget`` new tokens are spent or nothing is left.
+
+        One decode step makes at most ``num_slots`` tokens, so the budget may be overshot by
+        fewer than ``num_slots`` tokens. Unfinished requests stay in the engine (`drain`).
+        """
+        if token_budget is not None and (isinstance(token_budget, bool)
+                                         or not isinstance(token_budget, int)
+                                         or token_budget <= 0):
+            raise ValueError(f"token_budget={token_budget!r} is invalid: must be a positive int "
+                             "or None (no request was touched)")
+        finished: list[Request] = []
+        spent = 0
+        while token_budget is None or spent < token_budget:
+            spent += self._fill_free_slots(finished)
+            num_active = sum(s is not None for s in self._slots)
+            if num_active == 0 and self._pending:
+                continue  # every new request finished at its first token
+            if num_active == 0 or (token_budget is not None and spent >= token_budget):
+                break
+            num_steps = self.config.decode_chunk
+            if token_budget is not None:
+                num_steps = min(num_steps, -(-(token_budget - spent) // num_active))
+            spent += self._decode_chunk(num_steps, finished)
+        num_in_flight = len(self._pending) + sum(s is not None for s in self._slots)
+        return StepOutput(finished=finished, num_new_tokens=spent, num_in_flight=num_in_flight)
+
+    def drain(self) -> list[Request]:
+        """Removes and returns every unfinished request (active ones first), with all it has."""
+        drained = [s.flush() for s in self._slots if s is not None]
+        drained.extend(self._pending)
+        self._pending.clear()
+        self._slots = [None] * self.num_slots
+        self._state = self._deactivate(self._state)
+        return drained
+
+    def load_weights(self, variables: Any, version: int) -> None:
+        """Installs trainer ``variables`` (cast/sharded on device) as policy ``version``.
+
+        Requests in flight are re-prefilled under the new weights at the next `step` (their
+        KV cache was computed by the old ones); their tokens so far keep their old versions.
+        """
+        self._variables = self._prepare(variables)
+        self.version = version
+        requeued = [s.flush() for s in self._slots if s is not None]
+        self._slots = [None] * self.num_slots
+        self._state = self._deactivate(self._state)
+        self._pending.extendleft(reversed(requeued))
+
+    @property
+    def variables(self) -> Any:
+        """The engine's current (inference-precision) weights."""
+        return self._variables
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self, r: Request) -> str | None:
+        """Why ``r`` cannot run, or None."""
+        prompt = np.asarray(r.prompt_tokens)
+        generated = np.asarray(r.tokens)
+        if r.finished:
+            return f"already finished ({r.finish_reason!r})"
+        if prompt.ndim != 1 or prompt.shape[0] == 0:
+            return f"prompt must be a non-empty 1-D token array, got shape {prompt.shape}"
+        if not np.issubdtype(prompt.dtype, np.integer):
+            return f"prompt tokens must be integers, got {prompt.dtype}"
+        for name, tokens in (("prompt", prompt), ("generated", generated)):
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+                return (f"{name} token ids must be in [0, {self.vocab_size}), got range "
+                        f"[{tokens.min()}, {tokens.max()}]")
+        if not (len(r.logprobs) == len(r.versions) == generated.shape[0]):
+            return "tokens, logprobs and versions must have the same length"
+        length = prompt.shape[0] + generated.shape[0]
+        if length >= self.config.max_len:
+            return (f"prompt + generated tokens = {length} leaves no room for a new token "
+                    f"within max_len={self.config.max_len}")
+        if generated.shape[0] >= r.sampling.max_new_tokens:
+            return (f"already has {generated.shape[0]} tokens >= max_new_tokens="
+                    f"{r.sampling.max_new_tokens}")
+        if len(r.sampling.stop_token_ids) > self.config.max_stop_tokens:
+            return (f"{len(r.sampling.stop_token_ids)} stop tokens > engine max_stop_tokens="
+                    f"{self.config.max_stop_tokens}")
+        if not 0 <= r.seed < 2**32:
+            return f"seed={r.seed} must be in [0, 2**32)"
+        return None
+
+    def _fill_free_slots(self, finished: list[Request]) -> int:
+        """Prefills waiting requests into free slots; returns the number of tokens sampled."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        batch = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
+        if not batch:
+            return 0
+        N = _bucket(len(batch), 1, self.num_slots)
+        seqs = [np.concatenate([np.asarray(r.prompt_tokens, np.int32),
+                                np.asarray(r.tokens, np.int32)]) for r in batch]
+        T = _bucket(max(len(s) for s in seqs), self.config.min_prefill_len, self.config.max_len)
+        tokens_NT = np.zeros((N, T), np.int32)
+        length_N = np.ones((N,), np.int32)
+        slot_N = np.full((N,), self.num_slots, np.int32)  # out of range: padding row
+        num_generated_N = np.zeros((N,), np.int32)
+        for n, (r, seq) in enumerate(zip(batch, seqs)):
+            tokens_NT[n, :len(seq)] = seq
+            length_N[n] = len(seq)
+            slot_N[n] = free[n]
+            num_generated_N[n] = r.num_generated
+        self._state, out = self._prefill(
+            self._variables, self._state, tokens_NT, length_N, slot_N, num_generated_N,
+            self._sampling_rows(batch, N))
+        token_N, logprob_N, expert_ids_LNK, finish_N = jax.device_get(out)
+        for n, r in enumerate(batch):
+            slot = _Slot(r)
+            slot.record(int(token_N[n]), float(logprob_N[n]), self.version,
+                        None if expert_ids_LNK is None else expert_ids_LNK[:, n])
+            if finish_N[n]:
+                finished.append(slot.flush(_FINISH_NAMES[int(finish_N[n])]))
+            else:
+                self._slots[free[n]] = slot
+        return len(batch)
+
+    def _decode_chunk(self, num_steps: int, finished: list[Request]) -> int:
+        """Runs up to ``num_steps`` decode steps; returns the number of tokens generated."""
+        self._state, out = self._decode(self._variables, self._state, np.int32(num_steps),
+                                        np.bool_(len(self._pending) > 0))
+        steps, token_KB, logprob_KB, expert_KLBK, finish_B = jax.device_get(out)
+        token_KB, logprob_KB = token_KB[:steps], logprob_KB[:steps]
+        generated = 0
+        for b, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            for k in np.flatnonzero(token_KB[:, b] >= 0):
+                slot.record(int(token_KB[k, b]), float(logprob_KB[k, b]), self.version,
+                            None if expert_KLBK is None else expert_KLBK[k, :, b])
+                generated += 1
+            if finish_B[b]:
+                finished.append(slot.flush(_FINISH_NAMES[int(finish_B[b])]))
+                self._slots[b] = None
+        return generated
+
+    def _sampling_rows(self, batch: Sequence[Request], N: int) -> device_step.SamplingRows:
+        stop_NS = np.full((N, self.config.max_stop_tokens), -1, np.int32)
+        params = [r.sampling for r in batch] + [batch[0].sampling] * (N - len(batch))
+        for n, p in enumerate(params):
+            stop_NS[n, :len(p.stop_token_ids)] = p.stop_token_ids
+        seeds = [r.seed for r in batch] + [0] * (N - len(batch))
+        return device_step.SamplingRows(
+            seed_B=np.asarray(seeds, np.uint32),
+            temperature_B=np.asarray([p.temperature for p in params], np.float32),
+            top_k_B=np.asarray([p.top_k for p in params], np.int32),
+            top_p_B=np.asarray([p.top_p for p in params], np.float32),
+            greedy_B=np.asarray([p.greedy for p in params], bool),
+            min_new_B=np.asarray([p.min_new_tokens for p in params], np.int32),
+            max_new_B=np.asarray([p.max_new_tokens for p in params], np.int32),
+            stop_BS=stop_NS)
