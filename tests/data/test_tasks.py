@@ -1,0 +1,141 @@
+"""Procedural tasks: worked solutions score 1, corrupted ones 0, lenient parsing, no raising."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ring_jax.config import ConfigError
+from ring_jax.data import tasks
+from ring_jax.data.tasks.arithmetic import column_addition_steps
+from ring_jax.data.tasks.base import extract_answer, split_thinking
+from ring_jax.data.tasks.countdown import evaluate_expression
+
+PROCEDURAL = {
+    "addition": dict(min_size=1, max_size=4, num_operands=3, show_steps=True),
+    "multiplication": dict(min_size=1, max_size=3),
+    "arithmetic_chain": dict(min_size=1, max_size=12, size_tail=1.0),
+    "countdown": dict(min_size=2, max_size=5),
+    "reverse": dict(min_size=1, max_size=9),
+    "sort": dict(min_size=1, max_size=9),
+    "count": dict(min_size=1, max_size=15),
+}
+
+
+def corrupt(name, answer):
+    """A wrong answer in the right format (a scorer that only checks format would pass it)."""
+    if name in ("addition", "multiplication", "arithmetic_chain", "count"):
+        return str(int(answer) + 1)
+    if name == "countdown":
+        return f"({answer})*2"
+    if name == "sort":
+        return answer + ", 100"
+    return answer + "q"
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURAL))
+def test_solutions_score_one_and_corruptions_zero(name):
+    task = tasks.get(name, **PROCEDURAL[name])
+    for index in range(40):
+        record = task.sample(index, seed=3)
+        for thinking in (True, False):
+            result = task.score(record, record.solution_text(thinking))
+            assert result.reward == 1.0, (record, result)
+            assert result.details["format_ok"] and result.details["correct"]
+        bad = f"{record.thoughts}</think>{corrupt(name, record.answer)}"
+        result = task.score(record, bad)
+        assert result.reward == 0.0, (record, bad, result)
+        assert result.details["answer_parsed"] and not result.details["correct"]
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURAL))
+def test_sampling_is_deterministic_and_seeded(name):
+    task = tasks.get(name, **PROCEDURAL[name])
+    assert task.sample(7, seed=1) == task.sample(7, seed=1)
+    assert [task.sample(i, 1).prompt for i in range(20)] != [task.sample(i, 2).prompt
+                                                            for i in range(20)]
+    # Record survives the dict form the grain pipeline carries.
+    record = task.sample(5, seed=0)
+    assert task.score(record.to_dict(), record.solution_text()).reward == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURAL))
+def test_whitespace_and_boxed_answers_parse(name):
+    task = tasks.get(name, **PROCEDURAL[name])
+    record = task.sample(11, seed=0)
+    for answer in (f"  {record.answer} \n\n", f"\\boxed{{{record.answer}}}",
+                   f"The answer is $\\boxed{{{record.answer}}}$.",
+                   f"work...\nFinal answer: {record.answer}"):
+        result = task.score(record, f"{record.thoughts}</think>{answer}")
+        assert result.reward == 1.0, (answer, result)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=200),
+       name=st.sampled_from(sorted(PROCEDURAL)))
+def test_scoring_never_raises(text, name):
+    task = tasks.get(name, **PROCEDURAL[name])
+    record = task.sample(0, seed=0)
+    result = task.score(record, text)
+    assert 0.0 <= result.reward <= 1.0
+    assert "error" not in result.details, result.details  # garbage is handled, not caught
+
+
+@pytest.mark.parametrize("text", ["</think>\\boxed{", "\\boxed{}}}", "</think></think>",
+                                  "9" * 5000, "((((((((1" * 50, "1" + "*9" * 200,
+                                  "</think>2**99999999", "</think>[1, 2,", "\x00\ud7ff"])
+def test_adversarial_strings(text):
+    for name in PROCEDURAL:
+        task = tasks.get(name, **PROCEDURAL[name])
+        result = task.score(task.sample(0, 0), text)
+        assert result.reward == 0.0 and "error" not in result.details, (name, result)
+
+
+def test_hand_checked_helpers():
+    assert column_addition_steps([47, 85]) == "7+5=12,4+8+1=13"
+    assert column_addition_steps([5, 999]) == "5+9=14,0+9+1=10,0+9+1=10"
+    assert split_thinking("<think>abc</think> 42") == ("abc", " 42", True)
+    assert split_thinking("no tags") == ("", "no tags", False)
+    assert extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{7}") == "7"
+    assert extract_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert extract_answer("line one\n  12  \n\n") == "12"
+    assert extract_answer("   ") is None
+    assert evaluate_expression("(2*8)*(18+7)")[0] == 400
+
+
+def test_countdown_accepts_any_valid_expression():
+    task = tasks.get("countdown")
+    record = task.sample(0, 0)
+    numbers, target = record.metadata["numbers"], record.metadata["target"]
+    # A different valid expression for a hand-made record: 3, 5, 7 -> 26 = 3*7+5 = 5*7-3*3? no.
+    hand = record.__class__(task="countdown", index=0, seed=0, prompt="", answer="3*7+5",
+                            metadata={"numbers": [3, 5, 7], "target": 26})
+    assert task.score(hand, "</think>5+7*3").reward == 1.0
+    assert task.score(hand, "</think>(7*3)+5 = 26").reward == 1.0
+    assert task.score(hand, "</think>7*3+5+0").reward == 0.0  # 0 is not a given number
+    assert task.score(hand, "</think>3*3*3-1").reward == 0.0  # 3 used more than once
+    assert task.score(hand, "</think>__import__('os')").details["answer_parsed"] is False
+    assert task.score(record, f"</think>{record.answer}").reward == 1.0
+    assert sorted(numbers) and target > 0
+
+
+def test_long_tailed_difficulty():
+    task = tasks.get("arithmetic_chain", min_size=1, max_size=40, size_tail=1.5)
+    lengths = sorted(len(task.sample(i, 0).solution_text()) for i in range(400))
+    median, p99 = lengths[200], lengths[396]
+    assert p99 > 5 * median  # a uniform size draw would give p99 ≈ 2 x median
+
+
+def test_quickstart_task_is_short():
+    from ring_jax.data.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    task = tasks.get("addition", min_size=2, max_size=3)
+    for i in range(50):
+        record = task.sample(i, 0)
+        assert len(tok.encode(record.solution_text())) + 1 <= 32  # + EOS
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="max_size"):
+        tasks.get("addition", min_size=3, max_size=2)
+    with pytest.raises(ConfigError, match="task"):
+        tasks.get("nope")
+    with pytest.raises(ConfigError, match="num_operands"):
+        tasks.get("addition", num_operands=1)
