@@ -1,0 +1,27 @@
+"""Metric accumulator: sums (counts, seconds), gauges (last value) and maxima between pops."""
+from __future__ import annotations
+
+import collections
+
+
+class Metrics:
+    def __init__(self):
+        self._sums: dict[str, float] = collections.defaultdict(float)
+        self._gauges: dict[str, float] = {}
+        self._maxima: dict[str, float] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self._sums[name] += float(value)
+
+    def set(self, name: str, value: float) -> None:
+        self._gauges[name] = float(value)
+
+    def max(self, name: str, value: float) -> None:
+        self._maxima[name] = max(self._maxima.get(name, float("-inf")), float(value))
+
+    def pop(self) -> dict[str, float]:
+        out = {**self._sums, **self._gauges, **self._maxima}
+        self._sums.clear()
+        self._gauges.clear()
+        self._maxima.clear()
+        return out

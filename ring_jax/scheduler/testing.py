@@ -1,0 +1,177 @@
+"""A fake rollout engine with scripted response lengths, for scheduler tests and benchmarks.
+
+`FakeEngine` honours `ring_jax.rollout.types.EngineProtocol` exactly as the real engine does:
+``num_slots`` decode slots refilled continuously from a FIFO pending queue, one token per active
+slot per decode step, ``step(token_budget)`` stops at the first decode-step boundary at or past
+the budget (overshoot < ``num_slots``), every token stamped with the current ``version``, and a
+resumed request continues where it stopped. Token ids, log-probs and expert ids are pure
+functions of (request seed, token index), and the response length of a request is
+``length_fn(request)`` — so a schedule is reproducible and tests can check every recorded value.
+
+With ``decode_step_s`` / ``prefill_token_s`` it also *simulates* device time (sleeping), which
+`experiments/benchmarks/c3po.py` uses when no real engine is at hand.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ring_jax.rollout.types import FINISH_LENGTH, FINISH_STOP, Request, StepOutput
+
+
+class FakeEngineError(RuntimeError):
+    """Raised by `FakeEngine` when told to fail (exception-injection tests)."""
+
+
+def fake_token(seed: int, index: int, vocab_size: int) -> int:
+    """Token id ≥ 1 (0 is padding) of generated token ``index`` of the request with ``seed``."""
+    return 1 + (seed * 1_000_003 + index * 7_919) % (vocab_size - 1)
+
+
+def fake_logprob(seed: int, index: int) -> float:
+    return -0.01 - ((seed + 31 * index) % 97) / 10.0
+
+
+def fake_expert_ids(seed: int, index: int, shape: tuple[int, int],
+                    num_experts: int) -> np.ndarray:
+    L, K = shape
+    return ((seed + index + np.arange(L * K)) % num_experts).astype(np.int32).reshape(L, K)
+
+
+class FakeEngine:
+    """Scripted-length engine (module docstring).
+
+    Args:
+      num_slots: concurrent decode slots.
+      length_fn: ``length_fn(request) -> int``, the response length the request would reach
+        without ``max_new_tokens``; above it the response is cut with finish_reason "length".
+      version: initial policy version.
+      expert_ids_shape: (L_moe, K) to record routed experts per token, else None.
+      decode_step_s, prefill_token_s: simulated device seconds per decode step and per token
+        (re-)prefilled when a request takes a slot (a resumed one re-prefills prompt + output).
+      fail_on_step: raise `FakeEngineError` on this (0-based) call of `step`.
+    """
+
+    def __init__(self, num_slots: int, length_fn: Callable[[Request], int], *, version: int = 0,
+                 vocab_size: int = 1000, expert_ids_shape: tuple[int, int] | None = None,
+                 num_experts: int = 16, decode_step_s: float = 0.0,
+                 prefill_token_s: float = 0.0, fail_on_step: int | None = None):
+        self.num_slots = num_slots
+        self.version = version
+        self._length_fn = length_fn
+        self._vocab_size = vocab_size
+        self._expert_ids_shape = expert_ids_shape
+        self._num_experts = num_experts
+        self._decode_step_s = decode_step_s
+        self._prefill_token_s = prefill_token_s
+        self._fail_on_step = fail_on_step
+        self._active: list[Request] = []
+        self._pending: collections.deque[Request] = collections.deque()
+        self._targets: dict[str, int] = {}
+        self.num_step_calls = 0
+        self.num_decode_steps = 0
+        self.loaded_versions: list[int] = []
+
+    def add(self, requests: Sequence[Request]) -> None:
+        for request in requests:
+            if request.finished:
+                raise ValueError(f"request {request.request_id} is already finished")
+            self._pending.append(request)
+
+    def _refill(self) -> None:
+        while self._pending and len(self._active) < self.num_slots:
+            request = self._pending.popleft()
+            self._targets[request.request_id] = min(int(self._length_fn(request)),
+                                                    request.sampling.max_new_tokens)
+            if self._prefill_token_s:
+                time.sleep(self._prefill_token_s * (request.prompt_tokens.shape[0]
+                                                    + request.num_generated))
+            self._active.append(request)
+
+    def step(self, token_budget: int | None = None) -> StepOutput:
+        call = self.num_step_calls
+        self.num_step_calls += 1
+        if self._fail_on_step is not None and call == self._fail_on_step:
+            raise FakeEngineError(f"injected engine failure at step call {call}")
+        finished: list[Request] = []
+        spent = 0
+        while True:
+            self._refill()
+            if not self._active or (token_budget is not None and spent >= token_budget):
+                break
+            still_active = []
+            for request in self._active:
+                i = request.num_generated
+                experts = (None if self._expert_ids_shape is None else fake_expert_ids(
+                    request.seed, i, self._expert_ids_shape, self._num_experts))
+                request.append(fake_token(request.seed, i, self._vocab_size),
+                               fake_logprob(request.seed, i), self.version, experts)
+                spent += 1
+                target = self._targets[request.request_id]
+                if request.num_generated >= target:
+                    full = int(self._length_fn(request))
+                    request.finish_reason = FINISH_STOP if full <= target else FINISH_LENGTH
+                    del self._targets[request.request_id]
+                    finished.append(request)
+                else:
+                    still_active.append(request)
+            self._active = still_active
+            self.num_decode_steps += 1
+            if self._decode_step_s:
+                time.sleep(self._decode_step_s)
+        return StepOutput(finished=finished, num_new_tokens=spent,
+                          num_in_flight=len(self._active) + len(self._pending))
+
+    def drain(self) -> list[Request]:
+        out = self._active + list(self._pending)
+        self._active, self._pending = [], collections.deque()
+        self._targets.clear()
+        return out
+
+    def load_weights(self, params: Any, version: int) -> None:
+        self.version = int(version)
+        self.loaded_versions.append(int(version))
+
+
+def grpo_advantages(rewards_G: np.ndarray) -> np.ndarray:
+    """Plain GRPO group-normalised advantages (r - mean) / (std + 1e-6), for tests and the
+    benchmark; the RL engineer's `ring_jax.rl` estimators are the real ones."""
+    rewards_G = np.asarray(rewards_G, np.float32)
+    return (rewards_G - rewards_G.mean()) / (rewards_G.std() + 1e-6)
+
+
+def prompt_records(num_prompts: int, *, seed: int = 0, min_len: int = 2,
+                   max_len: int = 8, vocab_size: int = 1000):
+    """A finite list of prompt records with random token ids (and an ``answer`` field)."""
+    rng = np.random.default_rng(seed)
+    return [{"prompt_id": i,
+             "prompt_tokens": rng.integers(1, vocab_size, int(rng.integers(min_len, max_len + 1)),
+                                           dtype=np.int32),
+             "answer": str(i % 7)}
+            for i in range(num_prompts)]
+
+
+class ListPromptIterator:
+    """A checkpointable iterator over a list of prompt records (get_state / set_state)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]]):
+        self._records = list(records)
+        self._position = 0
+
+    def __iter__(self) -> ListPromptIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._position >= len(self._records):
+            raise StopIteration
+        self._position += 1
+        return self._records[self._position - 1]
+
+    def get_state(self) -> dict[str, int]:
+        return {"position": self._position}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._position = int(state["position"])
