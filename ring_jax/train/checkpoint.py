@@ -224,7 +224,7 @@ class Checkpointer:
             raise KeyError(f"metrics passed to save lack best_metric={self.cfg.best_metric!r}")
         saved = self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_keys_to_data(state)),
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(_keys_to_data(state)),
                                     meta=ocp.args.JsonSave(meta),
                                     arrays=ocp.args.PyTreeSave(flat)),
             metrics=metrics, force=True)
@@ -241,19 +241,25 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore(self, state_target: Any, step: int | None = None) -> Restored:
+    def restore(self, state_target: Any, step: int | None = None, *,
+                partial: bool = False) -> Restored:
         """Restores `step` (default: latest) with the state placed like `state_target`.
 
         state_target: a pytree matching the saved state whose array leaves are arrays or
           `jax.ShapeDtypeStruct`s carrying the wanted sharding (and dtype: a cast happens on
           load); typed PRNG keys are rebuilt from their key data with the target's impl.
+        partial: `state_target` may name a subset of the saved state's dict keys (e.g. only
+          {"params", "router"} to initialise RL from an SFT run); the rest is not read.
         """
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        abstract = _abstract_target(state_target)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract_target(state_target)),
+            state=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=partial),
             meta=ocp.args.JsonRestore(),
             arrays=ocp.args.PyTreeRestore()))
         meta = dict(restored["meta"])

@@ -230,3 +230,16 @@ def test_sigkill_mid_save_leaves_previous_step_restorable(tmp_path):
         ckpt.save(step + 1, state={"w": jnp.zeros((2048, 2048)), "step": jnp.asarray(step + 1)})
         ckpt.wait()
         assert ckpt.latest_step() == step + 1
+
+
+def test_partial_restore_of_params_and_router(tmp_path):
+    state = _state(4)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(9, state=state, meta={"stage": "sft"})
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        target = {"params": _state(0)["params"], "router": _state(0)["router"]}
+        restored = ckpt.restore(target, partial=True)
+    assert set(restored.state) == {"params", "router"}
+    _assert_tree_equal(restored.state["params"], state["params"])
+    _assert_tree_equal(restored.state["router"], state["router"])
+    assert restored.meta == {"stage": "sft"}
