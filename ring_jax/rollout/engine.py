@@ -23,6 +23,7 @@ ids per MoE layer of the forward step that sampled it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -30,9 +31,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ring_jax import config as config_lib
+from ring_jax import model as model_lib
+from ring_jax import sharding as sharding_lib
 from ring_jax.rollout import device_step
+from ring_jax.rollout import precision as precision_lib
+from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.rollout.types import FINISH_LENGTH, FINISH_STOP, Request, StepOutput
 
 _FINISH_NAMES = {device_step.FINISH_STOP: FINISH_STOP, device_step.FINISH_LENGTH: FINISH_LENGTH}
@@ -106,22 +112,27 @@ class Engine:
     """
 
     def __init__(self, forward, init_cache, variables: Any, config: EngineConfig, *,
-                 vocab_size: int, prepare_weights=None, version: int = 0,
-                 state_sharding: Any = None):
+                 vocab_size: int, prepare_weights=None, version: int = 0, mesh: Any = None,
+                 weight_sharding: Any = None, state_sharding: Any = None):
         self.config = config
         self.num_slots = config.num_slots
         self.vocab_size = vocab_size
         self.version = version
+        self._mesh = mesh
         self._fns = device_step.StepFns(
             forward=forward, init_cache=lambda b: init_cache(b, config.max_len),
             num_slots=config.num_slots, max_len=config.max_len,
             max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk)
-        self._prepare = jax.jit(prepare_weights or (lambda v: v))
-        self._prefill = jax.jit(self._fns.prefill, donate_argnums=1)
-        self._decode = jax.jit(self._fns.decode, donate_argnums=1)
-        self._deactivate = jax.jit(self._fns.deactivate, donate_argnums=0)
-        self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
-        self._variables = self._prepare(variables)
+        prepare_weights = prepare_weights or (lambda v, version: v)
+        self._prepare = jax.jit(prepare_weights, out_shardings=weight_sharding)
+        state_kw = {} if state_sharding is None else {"out_shardings": (state_sharding, None)}
+        self._prefill = jax.jit(self._fns.prefill, donate_argnums=1, **state_kw)
+        self._decode = jax.jit(self._fns.decode, donate_argnums=1, **state_kw)
+        self._deactivate = jax.jit(self._fns.deactivate, donate_argnums=0,
+                                   out_shardings=state_sharding)
+        with self._mesh_context():
+            self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
+            self._variables = self._prepare(variables, version)
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * config.num_slots
 
@@ -176,7 +187,8 @@ class Engine:
         drained.extend(self._pending)
         self._pending.clear()
         self._slots = [None] * self.num_slots
-        self._state = self._deactivate(self._state)
+        with self._mesh_context():
+            self._state = self._deactivate(self._state)
         return drained
 
     def load_weights(self, variables: Any, version: int) -> None:
@@ -185,12 +197,54 @@ class Engine:
         Requests in flight are re-prefilled under the new weights at the next `step` (their
         KV cache was computed by the old ones); their tokens so far keep their old versions.
         """
-        self._variables = self._prepare(variables)
+        with self._mesh_context():
+            self._variables = self._prepare(variables, version)
         self.version = version
         requeued = [s.flush() for s in self._slots if s is not None]
         self._slots = [None] * self.num_slots
-        self._state = self._deactivate(self._state)
+        with self._mesh_context():
+            self._state = self._deactivate(self._state)
         self._pending.extendleft(reversed(requeued))
+
+    @classmethod
+    def from_model(cls, model_cfg: Any, variables: Any, config: EngineConfig,
+                   precision: InferencePrecision = InferencePrecision(), *, version: int = 0,
+                   moe_impl: str = "ragged", mesh: Any = None) -> "Engine":
+        """An engine for a ring_jax `Transformer` under an inference precision policy.
+
+        The engine's model is ``model_cfg`` with the policy's dtype (params, activations, KV
+        cache) and ``moe_impl`` (default ``ragged``: dropless, so a token's output never depends
+        on which other tokens share its batch, as a capacity-limited dispatch's would).
+        ``variables`` are trainer variables, converted by `precision.prepare_variables`. With a
+        ``mesh`` (`ring_jax.sharding.make_mesh`), slots are split over the batch mesh axes and
+        weights laid out by the logical-axis rules (experts over ``expert``).
+        """
+        cfg = dataclasses.replace(model_cfg, dtype=precision.dtype, param_dtype=precision.dtype,
+                                  **({"moe_impl": moe_impl} if model_cfg.is_moe else {}))
+        module = model_lib.Transformer(cfg)
+        record = config.record_expert_ids and cfg.is_moe
+
+        def forward(variables, tokens_BT, positions_BT, cache):
+            logits_BTV, aux, cache = module.apply(variables, tokens_BT, positions_BT=positions_BT,
+                                                  cache=cache, return_expert_ids=record)
+            return logits_BTV, aux["expert_ids"] if record else None, cache
+
+        def init_cache(batch, max_len):
+            return model_lib.init_cache(cfg, batch, max_len, precision.jnp_dtype)
+
+        def prepare(variables, version):
+            return precision_lib.prepare_variables(variables, precision, version)
+
+        weight_sharding = state_sharding = None
+        if mesh is not None:
+            with sharding_lib.use_mesh(mesh):
+                tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+                weight_sharding = sharding_lib.param_shardings(
+                    mesh, sharding_lib.param_logical_axes(module, tokens))
+                state_sharding = _slot_state_sharding(mesh, cfg, config)
+        return cls(forward, init_cache, variables, config, vocab_size=cfg.vocab_size,
+                   prepare_weights=prepare, version=version, mesh=mesh,
+                   weight_sharding=weight_sharding, state_sharding=state_sharding)
 
     @property
     def variables(self) -> Any:
@@ -198,6 +252,11 @@ class Engine:
         return self._variables
 
     # ------------------------------------------------------------------ internals
+
+    def _mesh_context(self):
+        if self._mesh is None:
+            return contextlib.nullcontext()
+        return sharding_lib.use_mesh(self._mesh)
 
     def _check(self, r: Request) -> str | None:
         """Why ``r`` cannot run, or None."""
@@ -248,9 +307,10 @@ class Engine:
             length_N[n] = len(seq)
             slot_N[n] = free[n]
             num_generated_N[n] = r.num_generated
-        self._state, out = self._prefill(
-            self._variables, self._state, tokens_NT, length_N, slot_N, num_generated_N,
-            self._sampling_rows(batch, N))
+        with self._mesh_context():
+            self._state, out = self._prefill(
+                self._variables, self._state, tokens_NT, length_N, slot_N, num_generated_N,
+                self._sampling_rows(batch, N))
         token_N, logprob_N, expert_ids_LNK, finish_N = jax.device_get(out)
         for n, r in enumerate(batch):
             slot = _Slot(r)
@@ -264,8 +324,9 @@ class Engine:
 
     def _decode_chunk(self, num_steps: int, finished: list[Request]) -> int:
         """Runs up to ``num_steps`` decode steps; returns the number of tokens generated."""
-        self._state, out = self._decode(self._variables, self._state, np.int32(num_steps),
-                                        np.bool_(len(self._pending) > 0))
+        with self._mesh_context():
+            self._state, out = self._decode(self._variables, self._state, np.int32(num_steps),
+                                            np.bool_(len(self._pending) > 0))
         steps, token_KB, logprob_KB, expert_KLBK, finish_B = jax.device_get(out)
         token_KB, logprob_KB = token_KB[:steps], logprob_KB[:steps]
         generated = 0
@@ -296,3 +357,16 @@ class Engine:
             min_new_B=np.asarray([p.min_new_tokens for p in params], np.int32),
             max_new_B=np.asarray([p.max_new_tokens for p in params], np.int32),
             stop_BS=stop_NS)
+
+
+def _slot_state_sharding(mesh, cfg, config: EngineConfig) -> device_step.SlotState:
+    """Slots (and their cache rows) split over the mesh's batch axes; the rest replicated."""
+    batch_axes = sharding_lib.batch_mesh_axes(mesh, config.num_slots) or None
+    cache = jax.tree.map(
+        lambda axes: NamedSharding(mesh, P(batch_axes, *sharding_lib.spec_for(axes, mesh)[1:])),
+        model_lib.cache_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    row, rows2 = NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(batch_axes, None))
+    return device_step.SlotState(
+        cache=cache, last_token_B=row, pos_B=row, num_generated_B=row, active_B=row,
+        rows=device_step.SamplingRows(seed_B=row, temperature_B=row, top_k_B=row, top_p_B=row,
+                                      greedy_B=row, min_new_B=row, max_new_B=row, stop_BS=rows2))

@@ -10,6 +10,7 @@ noise on the router logits, which flips near-tied expert choices (the MoE failur
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 import jax
@@ -56,3 +57,43 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     """Casts every floating-point leaf of ``tree`` to ``dtype`` (integer leaves untouched)."""
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def prepare_variables(variables: Any, precision: InferencePrecision, version: Any) -> Any:
+    """Trainer variables → the engine's: {'params': cast (and perturbed), 'router': as is}.
+
+    Jittable (the engine runs it on device, so a weight sync never visits the host).
+      * every floating param is cast to ``precision.dtype``;
+      * ``fp8_expert_weights``: routed-expert weights (``moe/{gate,up,down}``, [E, in, out]) are
+        fake-quantized to e4m3 per output channel (`fake_quantize_fp8`);
+      * ``router_noise_std`` σ: each router weight matrix W [D, E] gets a fixed Gaussian
+        perturbation δ ~ N(0, σ²/D), drawn from ``version`` (so every engine holding the same
+        version agrees). A token's router logits then move by h·δ, noise of std σ·rms(h); with
+        the RMS-normalised inputs the router sees, that is ≈ σ per logit. (Perturbing the weights
+        rather than each forward's logits needs no RNG inside the model's decode step.)
+    The 'router' collection (the selection-only expert bias) stays float32.
+    """
+    dtype = precision.jnp_dtype
+    noise_key = jax.random.fold_in(jax.random.PRNGKey(0), version)
+
+    def convert(path, w):
+        names = _path_names(path)
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            return w
+        if precision.router_noise_std > 0 and names[-2:-1] == ("moe",) and names[-1] == "router":
+            key = jax.random.fold_in(noise_key, zlib.crc32("/".join(names).encode()) & 0x7FFFFFFF)
+            noise = jax.random.normal(key, w.shape, jnp.float32)
+            w = w.astype(jnp.float32) + noise * (precision.router_noise_std / w.shape[0] ** 0.5)
+        w = w.astype(dtype)
+        if (precision.fp8_expert_weights and names[-2:-1] == ("moe",)
+                and names[-1] in ("gate", "up", "down") and w.ndim == 3):
+            w = fake_quantize_fp8(w, reduce_axis=1)
+        return w
+
+    prepared = dict(variables)
+    prepared["params"] = jax.tree_util.tree_map_with_path(convert, variables["params"])
+    return prepared
