@@ -175,3 +175,27 @@ class ListPromptIterator:
 
     def set_state(self, state: dict[str, int]) -> None:
         self._position = int(state["position"])
+
+
+def run_training(scheduler: Any, *, max_batches: int | None = None,
+                 updates_per_batch: int = 1,
+                 metrics: list[dict[str, float]] | None = None) -> list[dict[str, np.ndarray]]:
+    """Plays the trainer: takes batches, publishes ``updates_per_batch`` new versions after each.
+
+    Each returned batch also holds ``train_version`` (the scheduler's version when the batch was
+    taken, i.e. the policy the trainer would update with it). Per-batch `pop_metrics()` dicts are
+    appended to ``metrics`` when given.
+    """
+    batches = []
+    while max_batches is None or len(batches) < max_batches:
+        try:
+            batch = scheduler.next_batch()
+        except StopIteration:
+            break
+        batch["train_version"] = np.int32(scheduler.version)
+        batches.append(batch)
+        if metrics is not None:
+            metrics.append(scheduler.pop_metrics())
+        for _ in range(updates_per_batch):
+            scheduler.update_weights(None, scheduler.version + 1)
+    return batches
