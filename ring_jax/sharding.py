@@ -1,0 +1,130 @@
+"""Meshes over (data, fsdp, expert, tensor) and the one logical-axis rules table.
+
+Model code names axes logically (params: ``("exp", "embed", "expert_mlp")``; activations:
+``("act_batch", "act_len", "act_embed")``); `LOGICAL_RULES` maps them to mesh axes. The MoE
+`shard_map` specs come from the same table (`spec_for`), so changing a rule moves parameters,
+activations and expert dispatch together.
+
+Usage::
+
+    mesh = sharding.make_mesh(data=2, fsdp=1, expert=4, tensor=1)
+    with sharding.use_mesh(mesh):
+        shardings = sharding.param_shardings(mesh, sharding.param_logical_axes(model, tokens))
+        params = jax.device_put(params, shardings)
+        logits, aux = jax.jit(model.apply)(variables, tokens)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+Rules = tuple[tuple[str, Any], ...]
+
+# The rules table. Tokens are split over data, fsdp and expert (outside the MoE block the expert
+# axis is one more data-parallel axis; inside it the all_to_all regroups tokens by expert).
+LOGICAL_RULES: Rules = (
+    # activations
+    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_len", None),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("exp", "expert"),
+    ("expert_mlp", "tensor"),
+    ("router_exp", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh with Auto axes (GSPMD propagation + shard_map)."""
+    shape = (data, fsdp, expert, tensor)
+    devices = list(jax.devices() if devices is None else devices)
+    need = int(np.prod(shape))
+    if need > len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {need} devices, "
+                         f"have {len(devices)}")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4,
+                         devices=devices[:need])
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Iterator[Mesh]:
+    """Sets the mesh and the logical-axis rules for tracing the model under it."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
+
+
+def current_rules() -> Rules:
+    """The rules of the enclosing `use_mesh` / `nn.logical_axis_rules`, else the default."""
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
+
+
+def _present(axes: Any, mesh: Any) -> Any:
+    names = set(mesh.axis_names)
+    if axes is None:
+        return None
+    if isinstance(axes, str):
+        return axes if axes in names else None
+    kept = tuple(a for a in axes if a in names)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
+
+
+def spec_for(logical_axes: Sequence[str | None], mesh: Any, rules: Rules | None = None) -> P:
+    """PartitionSpec of an array with these logical axes on `mesh` (axes it lacks dropped)."""
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules or current_rules())
+    return P(*(_present(a, mesh) for a in spec))
+
+
+def batch_mesh_axes(mesh: Any, batch_size: int, rules: Rules | None = None) -> tuple[str, ...]:
+    """Mesh axes the batch is split over: those of 'act_batch' (in order) whose product still
+    divides `batch_size` (a decode batch smaller than the mesh stays partly replicated)."""
+    axes = dict(rules or current_rules()).get("act_batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept, size = [], 1
+    for a in axes:
+        if a in mesh.axis_names and batch_size % (size * mesh.shape[a]) == 0:
+            kept.append(a)
+            size *= mesh.shape[a]
+    return tuple(kept)
+
+
+def param_logical_axes(model: nn.Module, *init_args, **init_kwargs) -> Any:
+    """Pytree of logical-axis-name tuples for every variable of `model` (no allocation)."""
+    boxed = jax.eval_shape(lambda: nn.Module.init(model, jax.random.key(0), *init_args,
+                                                  **init_kwargs))
+    return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned)
+                        else (None,) * len(x.shape), boxed,
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def param_shardings(mesh: Mesh, logical_axes: Any, rules: Rules | None = None) -> Any:
+    """NamedShardings for a pytree of logical-axis tuples (e.g. from `param_logical_axes`)."""
+    rules = rules or current_rules()
+    return jax.tree.map(lambda axes: NamedSharding(mesh, spec_for(axes, mesh, rules)),
+                        logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2,
+                   rules: Rules | None = None) -> NamedSharding:
+    """Sharding of a [B, ...] input: batch split over the batch axes that divide it."""
+    axes = batch_mesh_axes(mesh, batch_size, rules)
+    return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
