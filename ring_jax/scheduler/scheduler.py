@@ -166,7 +166,10 @@ class Scheduler:
             return batch
         except StopIteration:
             raise
-        except BaseException:
+        except BaseException as e:
+            with self._cond:
+                if self._error is None:
+                    self._error = e  # later calls fail the same way instead of resuming
             self.close()
             raise
 
@@ -202,7 +205,7 @@ class Scheduler:
             self._stop = True
             self._cond.notify_all()
         if self._producer is not None and self._producer is not threading.current_thread():
-            self._producer.join(5.0)
+            self._producer.join(2.0)
         self._pool.close()
 
     def __enter__(self) -> Scheduler:

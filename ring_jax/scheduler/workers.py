@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 THREAD_PREFIX = "ring_jax-sched"
@@ -46,7 +47,7 @@ class WorkerPool:
         self._tasks.put((future, fn, args))
         return future
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 2.0) -> None:
         """Cancels queued tasks and joins the threads (a task still running past the deadline is
         left to its daemon thread)."""
         if self._closed:
@@ -61,5 +62,6 @@ class WorkerPool:
                 item[0].cancel()
         for _ in self._threads:
             self._tasks.put(_STOP)
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout_s)
+            thread.join(max(0.0, deadline - time.monotonic()))
