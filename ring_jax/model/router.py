@@ -46,16 +46,19 @@ def select_experts(scores_XE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) ->
 
 def route(logits_XE: jax.Array, bias_E: jax.Array, cfg: ModelConfig,
           forced_ids_XK: jax.Array | None = None) -> Routing:
-    """Chooses experts (or takes the forced ones: router replay) and their combine weights.
+    """Chooses experts (or takes the forced ones: router replay; a forced row of -1s means
+    "route normally") and their combine weights.
 
     Combine weights are always the router's *unbiased* scores of the chosen experts, normalised
     to sum 1 (`norm_topk_prob`) and multiplied by `routed_scaling_factor` (PAPER §4).
     """
     scores_XE = router_scores(logits_XE, cfg)
-    if forced_ids_XK is None:
-        ids_XK = select_experts(jax.lax.stop_gradient(scores_XE), bias_E, cfg)
-    else:
-        ids_XK = forced_ids_XK.astype(jnp.int32)
+    ids_XK = select_experts(jax.lax.stop_gradient(scores_XE), bias_E, cfg)
+    if forced_ids_XK is not None:
+        # Tokens whose forced row holds -1 (not routed by the sampler: prompt, padding) keep
+        # the router's own choice.
+        forced_XK = forced_ids_XK.astype(jnp.int32)
+        ids_XK = jnp.where(jnp.all(forced_XK >= 0, axis=-1, keepdims=True), forced_XK, ids_XK)
     weights_XK = jnp.take_along_axis(scores_XE, ids_XK, axis=-1)
     if cfg.norm_topk_prob:
         weights_XK = weights_XK / (weights_XK.sum(-1, keepdims=True) + 1e-20)
