@@ -1,0 +1,99 @@
+"""Math problems from a local JSONL/parquet file (question, answer), scored with math-verify.
+
+math-verify normally bounds its sympy work with ``signal.alarm``, which only works on the main
+thread; the reward pool calls ``score`` from worker threads, so it is called with its timeouts
+off (``parsing_timeout=None, timeout_seconds=None``). Without a timeout, a response like
+``\\boxed{9^{9^{9}}}`` would make sympy compute a gigantic integer while holding the GIL and
+freeze the whole process; `looks_expensive` rejects such answers first (power towers, huge
+exponents, factorials/binomials of large numbers, very long answers). This guard is a
+heuristic: run untrusted-at-scale scoring in separate processes if that is not enough.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ring_jax.config import check_int
+from ring_jax.data.tasks.base import extract_answer, last_boxed
+from ring_jax.data.tasks.file_task import FileTask
+
+_MAX_ANSWER_CHARS = 300
+
+
+def _group_after(text: str, start: int) -> str:
+    """The exponent starting at ``start``: a {...} or (...) group, else a run of word chars."""
+    if start < len(text) and text[start] in "{(":
+        close = {"{": "}", "(": ")"}[text[start]]
+        depth = 0
+        for j in range(start, len(text)):
+            depth += (text[j] == text[start]) - (text[j] == close)
+            if depth == 0:
+                return text[start:j + 1]
+        return text[start:]
+    m = re.match(r"[\w.]*", text[start:])
+    return m.group(0)
+
+
+def looks_expensive(text: str) -> bool:
+    """True if sympy could spend unbounded time on this answer (see the module docstring)."""
+    if len(text) > _MAX_ANSWER_CHARS:
+        return True
+    compact = re.sub(r"\s+", "", text)
+    numbers = re.findall(r"\d+", compact)
+    for m in re.finditer(r"\^|\*\*", compact):
+        exponent = _group_after(compact, m.end())
+        rest = compact[m.end() + len(exponent):]
+        if ("^" in exponent or "**" in exponent or rest.startswith(("^", "**"))
+                or any(len(d) > 5 for d in re.findall(r"\d+", exponent))):
+            return True
+    combinatorial = re.search(r"!|binom|choose|factorial|Gamma", compact)
+    big_number = any(len(d) > 4 for d in numbers)
+    return bool(combinatorial and ("^" in compact or "**" in compact or big_number))
+
+
+def _as_math(text: str) -> str:
+    return text if "$" in text or "\\boxed" in text else f"${text}$"
+
+
+@dataclasses.dataclass(frozen=True)
+class MathFileTask(FileTask):
+    """``question``/``answer`` (LaTeX or plain) rows, optional ``solution`` (worked thoughts)
+    and ``level``. The worked answer is ``\\boxed{answer}``."""
+    question_key: str = "question"
+    answer_key: str = "answer"
+    solution_key: str = "solution"
+    instruction: str = " Put your final answer within \\boxed{}."
+    max_response_chars: int = 4000
+
+    name = "math"
+    default_file = "math_sample.jsonl"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("max_response_chars", self.max_response_chars, min_value=1)
+
+    def _from_row(self, row):
+        gold = str(row[self.answer_key])
+        thoughts = row.get(self.solution_key)
+        return (str(row[self.question_key]) + self.instruction, f"\\boxed{{{gold}}}",
+                None if thoughts is None else str(thoughts), {"gold": gold})
+
+    def _score(self, record, answer_region):
+        from math_verify import parse, verify  # heavy import, only for math tasks
+
+        region = answer_region[-self.max_response_chars:]
+        boxed = last_boxed(region)
+        if boxed is not None:
+            candidate = f"\\boxed{{{boxed}}}"
+        else:
+            extracted = extract_answer(region)
+            candidate = _as_math(extracted) if extracted else ""
+        if not candidate or looks_expensive(candidate):
+            return {"answer_parsed": False, "correct": False,
+                    "rejected": bool(candidate)}
+        pred = parse(candidate, parsing_timeout=None)
+        if not pred:
+            return {"answer_parsed": False, "correct": False}
+        gold = parse(_as_math(record.metadata["gold"]), parsing_timeout=None)
+        return {"answer_parsed": True,
+                "correct": bool(verify(gold, pred, timeout_seconds=None))}
