@@ -1,0 +1,497 @@
+"""The GRPO-family policy loss with training-inference mismatch corrections (PAPER §1).
+
+The objective (Ring-1T eq. for IcePop; PAPER §1 "Objective"), per response token t of sequence i:
+
+    J = 1/G Σ_i 1/|y_i| Σ_t  c(k_{i,t}) · min(r_{i,t} Â_{i,t}, clip(r_{i,t}, 1-ε_low, 1+ε_high) Â_{i,t})
+
+    r = π_train(θ) / π_train(θ_old)        the PPO ratio (has the gradient);
+    k = π_train(θ_old) / π_infer(θ_old)    the engine-vs-engine ratio (a constant);
+    c(k)                                   the *correction*: 1 (none), min(k, C) (TIS),
+                                           M(k; α, β) (IcePop), ... — chosen by name.
+
+`policy_loss` returns the scalar to minimise, -J, and metrics. Masked tokens (c = 0) get exactly
+zero gradient yet still count in |y_i| (PAPER §1: dropping them from the denominator would
+inflate the remaining tokens' gradients).
+
+Micro-batching (gradient accumulation) is exact because every reduction is a sum/denominator
+pair (`LossTerms`). The denominator of the whole minibatch, `loss_denominator(mask_BT, cfg)` of
+the full minibatch's mask, is fixed before the pieces are processed:
+
+    norm = loss_denominator(mask_full_BT, cfg)           # sequences, or tokens for token_mean
+    total = None
+    for piece in pieces:                                  # rows of the minibatch
+        def f(params):
+            terms = policy_loss_terms(logp(params, piece), ..., cfg)
+            return terms.loss_sum / norm, terms
+        (_, terms), grads_piece = jax.value_and_grad(f, has_aux=True)(params)
+        grads += grads_piece
+        total = terms if total is None else accumulate_terms(total, terms)
+    loss, metrics = finalize(total)                       # == policy_loss on the full minibatch
+
+The sum of the pieces' gradients equals the full minibatch's gradient, and `finalize` of the
+accumulated terms gives the full minibatch's loss and metrics (means, fractions, maxima, ESS).
+
+A new correction is one function registered by name (STYLE.md "Forking"):
+
+    @losses.register_correction("my_mask")
+    def my_mask(x: losses.MismatchInputs, cfg: losses.LossConfig) -> losses.Correction: ...
+
+    cfg = losses.LossConfig(correction="my_mask", correction_params=(("tau", 0.3),))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ring_jax import config as config_lib
+
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# ------------------------------------------------------------------------------------------------
+# Corrections: registry
+# ------------------------------------------------------------------------------------------------
+
+
+class MismatchInputs(NamedTuple):
+    """What a correction sees: float32 [B, T] constants (no gradient flows through them).
+
+    Entries outside the response (``mask_BT == 0``) have ``log_k_BT == 0`` so a correction never
+    meets padding garbage; its output there is ignored.
+    """
+
+    log_k_BT: jax.Array  # log k = logp_old - logp_infer
+    logp_old_BT: jax.Array  # log π_train(θ_old)
+    logp_infer_BT: jax.Array  # log π_infer(θ_old), as recorded by the sampler
+    mask_BT: jax.Array  # 1.0 on response tokens
+
+
+class Correction(NamedTuple):
+    """A correction's verdict per token: ``weight_BT`` multiplies the token's clipped
+    policy-gradient term (0 = masked); ``keep_BT`` (bool) says whether the token was kept, for
+    the masked-fraction and masked-token-entropy metrics."""
+
+    weight_BT: jax.Array
+    keep_BT: jax.Array
+
+
+CorrectionFn = Callable[[MismatchInputs, "LossConfig"], Correction]
+_CORRECTIONS: dict[str, CorrectionFn] = {}
+
+
+def register_correction(name: str) -> Callable[[CorrectionFn], CorrectionFn]:
+    """Registers ``fn(MismatchInputs, LossConfig) -> Correction`` as ``correction=name``."""
+
+    def register(fn: CorrectionFn) -> CorrectionFn:
+        if name in _CORRECTIONS:
+            raise ValueError(f"correction {name!r} is already registered")
+        _CORRECTIONS[name] = fn
+        return fn
+
+    return register
+
+
+def available_corrections() -> tuple[str, ...]:
+    return tuple(_CORRECTIONS)
+
+
+def get_correction(name: str) -> CorrectionFn:
+    if name not in _CORRECTIONS:
+        config_lib.fail("correction", name, f"must be one of {available_corrections()}")
+    return _CORRECTIONS[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How the policy loss is computed. Frozen and hashable: a static argument of `jax.jit`.
+
+    Fields:
+      correction: registered name; built in: "none", "tis", "icepop", "kpop", "seq_mask".
+      alpha, beta: the IcePop band [α, β] on k (PAPER §1: 0.5, 5); "seq_mask" applies the same
+        band to the sequence's geometric-mean k. α may be 0 and β may be inf (no bound).
+      tis_cap: C in the TIS weight min(k, C).
+      kpop_phi: φ, the KPop bound on the binary KL in both directions (PAPER §1: 0.1–2).
+      clip: PPO clipping on; off = the plain ratio r·Â (one update per batch, r ≡ 1 in value).
+      eps_low, eps_high: clip range [1-ε_low, 1+ε_high] ("clip-higher" when ε_high > ε_low).
+      aggregation: "seq_mean_token_mean" (the paper's 1/G Σ_i 1/|y_i| Σ_t), "token_mean"
+        (DAPO: Σ over all tokens / number of tokens), "seq_mean_token_sum_norm" (Dr.GRPO: each
+        sequence's token sum / a constant length, mean over sequences).
+      max_response_len: the constant length of "seq_mean_token_sum_norm" and the span of the
+        position buckets; None = the T of the inputs.
+      kl_coef, kl_estimator: penalty kl_coef · KL(π_θ ‖ π_ref) per token with Schulman's
+        k1/k2/k3 estimator (needs ``logp_ref_BT``); 0 = off, as in the paper.
+      entropy_coef: bonus −entropy_coef · H per token (needs ``entropy_BT``); 0 = off.
+      num_position_buckets: equal-width buckets of response position for the mismatch metrics.
+      correction_params: (name, value) pairs for registered corrections that need their own
+        hyper-parameters (read with `param`), so a fork needs no new config field.
+    """
+
+    correction: str = "icepop"
+    alpha: float = 0.5
+    beta: float = 5.0
+    tis_cap: float = 2.0
+    kpop_phi: float = 0.5
+    clip: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: str = "seq_mean_token_mean"
+    max_response_len: int | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    num_position_buckets: int = 4
+    correction_params: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        config_lib.check_one_of("correction", self.correction, available_corrections())
+        # The band must contain k = 1 (on-policy tokens are always kept).
+        config_lib.check_float("alpha", self.alpha, min_value=0.0, max_value=1.0)
+        config_lib.check_float("beta", self.beta, min_value=1.0)
+        config_lib.check_float("tis_cap", self.tis_cap, min_value=0.0, min_exclusive=True)
+        config_lib.check_float("kpop_phi", self.kpop_phi, min_value=0.0, min_exclusive=True)
+        config_lib.check(isinstance(self.clip, bool), "clip", self.clip, "must be a bool")
+        config_lib.check_float("eps_low", self.eps_low, min_value=0.0, max_value=1.0)
+        config_lib.check(self.eps_low < 1.0, "eps_low", self.eps_low, "must be < 1")
+        config_lib.check_float("eps_high", self.eps_high, min_value=0.0)
+        config_lib.check_one_of("aggregation", self.aggregation, AGGREGATIONS)
+        if self.max_response_len is not None:
+            config_lib.check_int("max_response_len", self.max_response_len, min_value=1)
+        config_lib.check_float("kl_coef", self.kl_coef, min_value=0.0)
+        config_lib.check_one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        config_lib.check_float("entropy_coef", self.entropy_coef, min_value=0.0)
+        config_lib.check_int("num_position_buckets", self.num_position_buckets, min_value=1)
+        config_lib.check(
+            isinstance(self.correction_params, tuple)
+            and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                    and isinstance(p[1], (int, float)) for p in self.correction_params),
+            "correction_params", self.correction_params,
+            "must be a tuple of (name, number) pairs")
+
+    def param(self, name: str) -> float:
+        """A value from ``correction_params``."""
+        for key, value in self.correction_params:
+            if key == name:
+                return float(value)
+        raise config_lib.ConfigError(
+            f"correction_params has no {name!r} (needed by correction={self.correction!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in corrections (PAPER §1, "Relatives to implement beside it")
+# ------------------------------------------------------------------------------------------------
+
+
+def _log(x: float) -> float:
+    """log that maps the open band ends 0 and inf to -inf and inf."""
+    return -math.inf if x == 0 else math.log(x)
+
+
+def _weight_kept_by_k(x: MismatchInputs, keep_BT: jax.Array) -> Correction:
+    # Exponentiate only kept log-ratios: exp of an out-of-band ±50 would give 0·inf = NaN.
+    k_kept_BT = jnp.exp(jnp.where(keep_BT, x.log_k_BT, 0.0))
+    return Correction(jnp.where(keep_BT, k_kept_BT, 0.0), keep_BT)
+
+
+@register_correction("none")
+def no_correction(x: MismatchInputs, cfg: LossConfig) -> Correction:
+    """Plain GRPO: the sampler's tokens are treated as on-policy, c(k) = 1."""
+    del cfg
+    return Correction(jnp.ones_like(x.log_k_BT), jnp.ones_like(x.log_k_BT, dtype=bool))
+
+
+@register_correction("tis")
+def truncated_importance_sampling(x: MismatchInputs, cfg: LossConfig) -> Correction:
+    """TIS (Yao et al. 2025): c(k) = min(k, C); one-sided, no token is masked."""
+    weight_BT = jnp.exp(jnp.minimum(x.log_k_BT, _log(cfg.tis_cap)))
+    return Correction(weight_BT, jnp.ones_like(x.log_k_BT, dtype=bool))
+
+
+@register_correction("icepop")
+def icepop(x: MismatchInputs, cfg: LossConfig) -> Correction:
+    """IcePop (PAPER §1): c(k) = M(k; α, β) = k if α ≤ k ≤ β else 0; band tested in log space."""
+    keep_BT = (x.log_k_BT >= _log(cfg.alpha)) & (x.log_k_BT <= _log(cfg.beta))
+    return _weight_kept_by_k(x, keep_BT)
+
+
+def _log1mexp(logp: jax.Array) -> jax.Array:
+    """log(1 - exp(logp)) for logp <= 0, accurate at both ends (Mächler 2012)."""
+    return jnp.where(logp > -math.log(2.0), jnp.log(-jnp.expm1(logp)),
+                     jnp.log1p(-jnp.exp(logp)))
+
+
+def binary_kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
+    """D_B(p‖q) = p log(p/q) + (1-p) log((1-p)/(1-q)) of the token-vs-rest distributions,
+    from log-probabilities (PAPER §1, KPop). 0·log(0/·) terms are 0; q = 1 > p gives inf."""
+    logp = jnp.minimum(logp, 0.0)  # a recomputed log-prob can round a hair above 0
+    logq = jnp.minimum(logq, 0.0)
+    log1mp, log1mq = _log1mexp(logp), _log1mexp(logq)
+    head = jnp.exp(logp) * (logp - logq)
+    tail = jnp.where(jnp.isneginf(log1mp), 0.0, jnp.exp(log1mp) * (log1mp - log1mq))
+    return head + tail
+
+
+@register_correction("kpop")
+def kpop(x: MismatchInputs, cfg: LossConfig) -> Correction:
+    """KPop (PAPER §1, 2026 follow-up): keep a token iff the binary KL between π_train(θ_old)
+    and π_infer of that token is ≤ φ in both directions; kept tokens are weighted by k."""
+    kl_fwd_BT = binary_kl(x.logp_old_BT, x.logp_infer_BT)
+    kl_bwd_BT = binary_kl(x.logp_infer_BT, x.logp_old_BT)
+    keep_BT = (kl_fwd_BT <= cfg.kpop_phi) & (kl_bwd_BT <= cfg.kpop_phi)
+    return _weight_kept_by_k(x, keep_BT)
+
+
+@register_correction("seq_mask")
+def sequence_mask(x: MismatchInputs, cfg: LossConfig) -> Correction:
+    """Sequence-level mask (MIS-style, PAPER §1): keep a whole sequence iff the geometric mean
+    of its tokens' k, exp(mean_t log k), lies in [α, β]; kept tokens get weight 1."""
+    num_tokens_B = x.mask_BT.sum(-1)
+    mean_log_k_B = (x.log_k_BT * x.mask_BT).sum(-1) / jnp.maximum(num_tokens_B, 1.0)
+    keep_B = (mean_log_k_B >= _log(cfg.alpha)) & (mean_log_k_B <= _log(cfg.beta))
+    keep_BT = jnp.broadcast_to(keep_B[:, None], x.log_k_BT.shape)
+    return Correction(keep_BT.astype(jnp.float32), keep_BT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sum/denominator terms
+# ------------------------------------------------------------------------------------------------
+
+
+class LossTerms(NamedTuple):
+    """Additive pieces of the loss and metrics of one (micro-)batch; a pytree.
+
+    ``loss_sum / denominator`` is the loss; `accumulate_terms` adds pieces (maxima are maxed),
+    `finalize` turns them into the loss and the metrics dict.
+    """
+
+    loss_sum: jax.Array
+    denominator: jax.Array
+    sums: dict[str, jax.Array]
+    maxes: dict[str, jax.Array]
+
+
+def loss_denominator(mask_BT: jax.Array, cfg: LossConfig) -> jax.Array:
+    """The loss's denominator for a batch: its response-token count for "token_mean", else its
+    number of sequences with at least one response token (all-padding rows do not count)."""
+    mask_BT = mask_BT.astype(jnp.float32)
+    if cfg.aggregation == "token_mean":
+        return mask_BT.sum()
+    return (mask_BT.sum(-1) > 0).sum().astype(jnp.float32)
+
+
+def accumulate_terms(a: LossTerms, b: LossTerms) -> LossTerms:
+    """Terms of the union of two disjoint sets of rows."""
+    return LossTerms(a.loss_sum + b.loss_sum, a.denominator + b.denominator,
+                     jax.tree.map(jnp.add, a.sums, b.sums),
+                     jax.tree.map(jnp.maximum, a.maxes, b.maxes))
+
+
+def _kl_penalty(logp_BT: jax.Array, logp_ref_BT: jax.Array, estimator: str) -> jax.Array:
+    """Schulman's estimators of KL(π_θ ‖ π_ref) on samples, with log ρ = log π_ref − log π_θ."""
+    log_rho_BT = logp_ref_BT - logp_BT
+    if estimator == "k1":
+        return -log_rho_BT
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_rho_BT)
+    return jnp.expm1(log_rho_BT) - log_rho_BT  # k3: unbiased, non-negative
+
+
+def _position_buckets(mask_BT: jax.Array, span: int, num_buckets: int
+                      ) -> tuple[jax.Array, list[str]]:
+    """One-hot [B, T, nb] of each response token's bucket of response position, and names."""
+    width = -(-span // num_buckets)
+    position_BT = jnp.cumsum(mask_BT, axis=-1) - 1.0  # index within the response
+    bucket_BT = jnp.clip(position_BT // width, 0, num_buckets - 1).astype(jnp.int32)
+    names = [f"pos_{b * width}_{min((b + 1) * width, span) - 1}" if b < num_buckets - 1
+             else f"pos_{b * width}_end" for b in range(num_buckets)]
+    return jax.nn.one_hot(bucket_BT, num_buckets) * mask_BT[..., None], names
+
+
+def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT: jax.Array,
+                      advantages: jax.Array, mask_BT: jax.Array, cfg: LossConfig, *,
+                      logp_ref_BT: jax.Array | None = None,
+                      entropy_BT: jax.Array | None = None) -> LossTerms:
+    """The loss and metric sums of a batch of rows (see the module docstring).
+
+    Args:
+      logp_BT: log π_train(y_t | θ) of the sampled tokens; the only input with a gradient.
+      logp_old_BT: log π_train(y_t | θ_old), recomputed by the trainer before the update.
+      logp_infer_BT: log π_infer(y_t | θ_old), recorded by the sampler.
+      advantages: Â per sequence [B] or per token [B, T].
+      mask_BT: 1.0 on response tokens, 0.0 on prompt and padding.
+      cfg: the LossConfig.
+      logp_ref_BT: log π_ref for the KL penalty (needed iff cfg.kl_coef > 0).
+      entropy_BT: per-token entropy of π_θ (from `logprobs`); needed iff cfg.entropy_coef > 0,
+        and when given the metrics report the entropy of masked vs all response tokens.
+    """
+    f32 = jnp.float32
+    mask_BT = mask_BT.astype(f32)
+    on_BT = mask_BT > 0
+    num_rows, num_cols = mask_BT.shape
+    sg = jax.lax.stop_gradient
+    logp_BT = logp_BT.astype(f32)
+    logp_old_BT = sg(logp_old_BT.astype(f32))
+    logp_infer_BT = sg(logp_infer_BT.astype(f32))
+    adv_BT = sg(advantages.astype(f32))
+    if adv_BT.ndim == 1:
+        adv_BT = adv_BT[:, None]
+    adv_BT = jnp.broadcast_to(adv_BT, (num_rows, num_cols))
+
+    # k = π_train(θ_old) / π_infer(θ_old) stays in log space; 0 outside the response so that
+    # padding never reaches an exp.
+    log_k_BT = jnp.where(on_BT, logp_old_BT - logp_infer_BT, 0.0)
+    correction = get_correction(cfg.correction)(
+        MismatchInputs(log_k_BT, logp_old_BT, logp_infer_BT, mask_BT), cfg)
+    weight_BT = sg(jnp.where(on_BT, correction.weight_BT.astype(f32), 0.0))
+    keep_BT = correction.keep_BT | ~on_BT
+
+    # PPO ratio r = π(θ)/π(θ_old). Tokens that are masked (or padding) see log r = 0 through a
+    # select, so their gradient is exactly zero even when their log r is extreme.
+    active_BT = on_BT & (weight_BT > 0)
+    log_r_BT = jnp.where(active_BT, logp_BT - logp_old_BT, 0.0)
+    ratio_BT = jnp.exp(log_r_BT)
+    if cfg.clip:
+        ratio_clipped_BT = jnp.clip(ratio_BT, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+        pg_BT = jnp.minimum(ratio_BT * adv_BT, ratio_clipped_BT * adv_BT)
+    else:
+        pg_BT = ratio_BT * adv_BT
+    token_loss_BT = -weight_BT * pg_BT
+    if cfg.kl_coef > 0:
+        if logp_ref_BT is None:
+            raise ValueError("LossConfig.kl_coef > 0 needs logp_ref_BT")
+        log_ref_BT = jnp.where(on_BT, sg(logp_ref_BT.astype(f32)), 0.0)
+        kl_BT = _kl_penalty(jnp.where(on_BT, logp_BT, 0.0), log_ref_BT, cfg.kl_estimator)
+        token_loss_BT = token_loss_BT + cfg.kl_coef * kl_BT
+    if cfg.entropy_coef > 0:
+        if entropy_BT is None:
+            raise ValueError("LossConfig.entropy_coef > 0 needs entropy_BT")
+        token_loss_BT = token_loss_BT - cfg.entropy_coef * jnp.where(
+            on_BT, entropy_BT.astype(f32), 0.0)
+    token_loss_BT = jnp.where(on_BT, token_loss_BT, 0.0)
+
+    # Aggregation: numerator here, denominator from `loss_denominator`.
+    num_tokens_B = mask_BT.sum(-1)
+    span = cfg.max_response_len or num_cols
+    if cfg.aggregation == "seq_mean_token_mean":
+        # Masked tokens are still in |y_i| (PAPER §1).
+        loss_sum = (token_loss_BT.sum(-1) / jnp.maximum(num_tokens_B, 1.0)).sum()
+    elif cfg.aggregation == "token_mean":
+        loss_sum = token_loss_BT.sum()
+    else:  # seq_mean_token_sum_norm
+        loss_sum = token_loss_BT.sum() / span
+
+    # Metric numerators: all cheap [B, T] elementwise work on constants.
+    log_k_BT, weight_BT = sg(log_k_BT), sg(weight_BT)
+    abs_diff_BT = jnp.abs(log_k_BT)
+    masked_BT = mask_BT * (~keep_BT)
+    true_ratio_BT = jnp.exp(jnp.where(on_BT, sg(logp_BT) - logp_old_BT, 0.0))
+    if cfg.clip:
+        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        clipped_BT = ((true_ratio_BT < lo) & (adv_BT < 0)) | ((true_ratio_BT > hi) & (adv_BT > 0))
+    else:
+        clipped_BT = jnp.zeros_like(on_BT)
+    sums = {
+        "tokens": mask_BT.sum(),
+        "sequences": (num_tokens_B > 0).sum().astype(f32),
+        "abs_diff": (abs_diff_BT * mask_BT).sum(),
+        # k3 estimator of KL(π_infer ‖ π_train(θ_old)) from the sampler's own samples.
+        "k3_kl": ((jnp.expm1(log_k_BT) - log_k_BT) * mask_BT).sum(),
+        "k": (jnp.exp(log_k_BT) * mask_BT).sum(),
+        "masked": masked_BT.sum(),
+        "masked_above": (masked_BT * (log_k_BT > 0)).sum(),
+        "masked_below": (masked_BT * (log_k_BT < 0)).sum(),
+        "weight": (weight_BT * mask_BT).sum(),
+        "weight_sq": (jnp.square(weight_BT) * mask_BT).sum(),
+        "ratio": (true_ratio_BT * mask_BT).sum(),
+        "clipped": (clipped_BT * mask_BT).sum(),
+        "token_loss": sg(token_loss_BT).sum(),
+    }
+    maxes = {"abs_diff": (abs_diff_BT * mask_BT).max()}
+    bucket_BTN, bucket_names = _position_buckets(mask_BT, span, cfg.num_position_buckets)
+    bucket_tokens_N = bucket_BTN.sum((0, 1))
+    bucket_abs_diff_N = (bucket_BTN * abs_diff_BT[..., None]).sum((0, 1))
+    bucket_max_N = (bucket_BTN * abs_diff_BT[..., None]).max((0, 1))
+    for b, name in enumerate(bucket_names):
+        sums[f"tokens/{name}"] = bucket_tokens_N[b]
+        sums[f"abs_diff/{name}"] = bucket_abs_diff_N[b]
+        maxes[f"abs_diff/{name}"] = bucket_max_N[b]
+    if entropy_BT is not None:
+        ent_BT = jnp.where(on_BT, sg(entropy_BT.astype(f32)), 0.0)
+        sums["entropy"] = (ent_BT * mask_BT).sum()
+        sums["entropy_masked"] = (ent_BT * masked_BT).sum()
+    if cfg.kl_coef > 0:
+        sums["kl_ref"] = (sg(kl_BT) * mask_BT).sum()
+    return LossTerms(loss_sum, loss_denominator(mask_BT, cfg), sums, maxes)
+
+
+def _div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, and 0 where den == 0 (an empty batch or bucket)."""
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def finalize_metrics(terms: LossTerms) -> dict[str, jax.Array]:
+    """Metrics (STYLE.md prefixes) from accumulated terms; means are over response tokens."""
+    s, m = terms.sums, terms.maxes
+    tokens = s["tokens"]
+    metrics = {
+        "rl/loss": _div(terms.loss_sum, terms.denominator),
+        "rl/token_loss_mean": _div(s["token_loss"], tokens),
+        "rl/ratio_mean": _div(s["ratio"], tokens),
+        "rl/clip_frac": _div(s["clipped"], tokens),
+        "rl/response_tokens": tokens,
+        "rl/sequences": s["sequences"],
+        "mismatch/k3_kl": _div(s["k3_kl"], tokens),
+        "mismatch/k_mean": _div(s["k"], tokens),
+        "mismatch/abs_logp_diff_mean": _div(s["abs_diff"], tokens),
+        "mismatch/abs_logp_diff_max": m["abs_diff"],
+        "mismatch/masked_frac": _div(s["masked"], tokens),
+        "mismatch/masked_frac_above": _div(s["masked_above"], tokens),
+        "mismatch/masked_frac_below": _div(s["masked_below"], tokens),
+        "mismatch/weight_mean": _div(s["weight"], tokens),
+        # Normalised effective sample size of the correction weights, in [0, 1]:
+        # (Σw)² / (N Σw²); 1 when all weights are equal.
+        "mismatch/ess": _div(jnp.square(s["weight"]), tokens * s["weight_sq"]),
+    }
+    for key in s:
+        if key.startswith("abs_diff/"):
+            name = key.split("/", 1)[1]
+            metrics[f"mismatch/abs_logp_diff_mean/{name}"] = _div(s[key], s[f"tokens/{name}"])
+            metrics[f"mismatch/abs_logp_diff_max/{name}"] = m[key]
+    if "entropy" in s:
+        metrics["rl/entropy_all_tokens"] = _div(s["entropy"], tokens)
+        metrics["rl/entropy_masked_tokens"] = _div(s["entropy_masked"], s["masked"])
+    if "kl_ref" in s:
+        metrics["rl/kl_ref"] = _div(s["kl_ref"], tokens)
+    return metrics
+
+
+def finalize(terms: LossTerms, normaliser: jax.Array | float | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics). ``normaliser`` replaces the terms' own denominator (a micro-batch's loss
+    over the whole minibatch's `loss_denominator`)."""
+    den = terms.denominator if normaliser is None else jnp.asarray(normaliser, jnp.float32)
+    return _div(terms.loss_sum, den), finalize_metrics(terms)
+
+
+def policy_loss(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT: jax.Array,
+                advantages: jax.Array, mask_BT: jax.Array, cfg: LossConfig, *,
+                logp_ref_BT: jax.Array | None = None, entropy_BT: jax.Array | None = None,
+                normaliser: jax.Array | float | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """−J of PAPER §1 (the scalar to minimise) and its metrics, for one batch.
+
+    Arguments as in `policy_loss_terms`; ``normaliser`` (e.g. `loss_denominator` of the full
+    minibatch) makes a micro-batch's loss a summable share of the minibatch's loss.
+    """
+    terms = policy_loss_terms(logp_BT, logp_old_BT, logp_infer_BT, advantages, mask_BT, cfg,
+                              logp_ref_BT=logp_ref_BT, entropy_BT=entropy_BT)
+    return finalize(terms, normaliser)
