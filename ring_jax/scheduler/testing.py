@@ -14,6 +14,7 @@ With ``decode_step_s`` / ``prefill_token_s`` it also *simulates* device time (sl
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
@@ -199,3 +200,35 @@ def run_training(scheduler: Any, *, max_batches: int | None = None,
         for _ in range(updates_per_batch):
             scheduler.update_weights(None, scheduler.version + 1)
     return batches
+
+
+class ScriptedLengthEngine:
+    """Wraps a real engine so response lengths follow ``length_fn`` (benchmarks: a random-weight
+    model has no meaningful stop token, so the long-tailed length mix is scripted through each
+    request's ``max_new_tokens``; the device work — prefill, decode, re-prefill on resume — is
+    the real engine's)."""
+
+    def __init__(self, engine: Any, length_fn: Callable[[Request], int]):
+        self._engine = engine
+        self._length_fn = length_fn
+        self.num_slots = engine.num_slots
+
+    @property
+    def version(self) -> int:
+        return self._engine.version
+
+    def add(self, requests: Sequence[Request]) -> None:
+        for request in requests:
+            n = min(int(self._length_fn(request)), request.sampling.max_new_tokens)
+            request.sampling = dataclasses.replace(request.sampling, max_new_tokens=n,
+                                                   min_new_tokens=n, stop_token_ids=())
+        self._engine.add(requests)
+
+    def step(self, token_budget: int | None = None) -> StepOutput:
+        return self._engine.step(token_budget)
+
+    def drain(self) -> list[Request]:
+        return self._engine.drain()
+
+    def load_weights(self, params: Any, version: int) -> None:
+        self._engine.load_weights(params, version)
