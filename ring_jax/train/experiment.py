@@ -1,0 +1,243 @@
+"""`ExperimentConfig`: the whole run as frozen, validated dataclasses (ConfigDicts stop here).
+
+`experiments/*.py` return an `ml_collections.ConfigDict`; `from_config_dict` turns it into this
+tree before anything compiles. Every section maps to the dataclass its module owns, so a field
+keeps one definition (and one validation) across the library:
+
+    model       ModelConfig (``preset`` names a starting point in `ring_jax.model.presets`,
+                the other keys override its fields)
+    task        TaskConfig: registered task name + its keyword arguments
+    eval        EvalConfig: held-out pass@1 (greedy) and avg@k (sampled)
+    sft         SFTConfig (``sft.num_steps = 0`` skips the SFT warm start); sft_optim
+    rl          RLConfig: steps, minibatches, router bias/replay, loss (LossConfig), optim
+    scheduler   SchedulerConfig (sampling: SamplingParams)
+    engine      EngineConfig;  precision  InferencePrecision (the engine's numerics);
+                engine_moe_impl: the engine's MoE dispatch ("ragged": dropless, batch-independent)
+    reward      RewardConfig;  checkpoint CheckpointConfig;  mesh  MeshConfig
+
+An unknown key, a wrong type or an out-of-range value raises `ConfigError` naming the dotted
+field (``rl.loss.alpha=-1.0 is invalid: must be >= 0.0``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+from ring_jax import config as config_lib
+from ring_jax.config import ConfigError
+from ring_jax.data.rewards import RewardConfig
+from ring_jax.model import presets
+from ring_jax.model.config import ModelConfig
+from ring_jax.rl.losses import LossConfig
+from ring_jax.rollout.engine import EngineConfig
+from ring_jax.rollout.precision import InferencePrecision
+from ring_jax.scheduler.config import SchedulerConfig
+from ring_jax.train.checkpoint import CheckpointConfig
+from ring_jax.train.optim import OptimConfig
+from ring_jax.train.sft import SFTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """A registered task (`ring_jax.data.tasks.names()`) and its keyword arguments."""
+
+    name: str = "addition"
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    num_prompts: int = 100_000  # distinct training problems (indices) per epoch
+    tokenizer: str = "byte"
+    thinking: bool = True  # chat template with an opened thinking section
+
+    def __post_init__(self):
+        from ring_jax.data import tasks  # the registry, imported lazily (it loads task modules)
+        config_lib.check_one_of("name", self.name, tasks.names())
+        config_lib.check_int("num_prompts", self.num_prompts, min_value=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: problems drawn with ``seed_offset`` added to the run seed, so they
+    are a split the training stream (run seed) never samples."""
+
+    every: int = 10  # RL steps between evaluations (0: only at the end)
+    num_prompts: int = 64
+    num_samples: int = 4  # k of avg@k (sampled at the training temperature)
+    seed_offset: int = 1_000_000
+
+    def __post_init__(self):
+        config_lib.check_int("every", self.every, min_value=0)
+        config_lib.check_int("num_prompts", self.num_prompts, min_value=1)
+        config_lib.check_int("num_samples", self.num_samples, min_value=1)
+        config_lib.check_int("seed_offset", self.seed_offset, min_value=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The RL stage. One step = one scheduler batch: recompute log π_train(θ_old) on it, then
+    ``num_minibatches`` optimizer updates on its row slices (PAPER §1 objective)."""
+
+    num_steps: int = 100
+    num_minibatches: int = 1
+    advantage: str = "grpo"  # group-relative estimator (`ring_jax.rl.advantages`)
+    router_bias_rate: float = 1e-3  # u of the aux-loss-free bias update (PAPER §4); 0: frozen
+    router_replay: bool = False  # R3: train with the experts the engine chose
+    logprob_chunk: int = 128  # tokens per chunk of the log-prob / entropy computation
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        config_lib.check_int("num_steps", self.num_steps, min_value=0)
+        config_lib.check_int("num_minibatches", self.num_minibatches, min_value=1)
+        config_lib.check_float("router_bias_rate", self.router_bias_rate, min_value=0.0)
+        config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes over (data, fsdp, expert, tensor); -1 on one axis takes the rest."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for name, size in sizes.items():
+            config_lib.check(size == -1 or (isinstance(size, int) and size >= 1), name, size,
+                             "must be a positive int or -1 (the remaining devices)")
+        config_lib.check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
+                         "at most one axis may be -1")
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        sizes = dataclasses.asdict(self)
+        fixed = 1
+        for size in sizes.values():
+            fixed *= size if size != -1 else 1
+        for name, size in sizes.items():
+            if size == -1:
+                if num_devices % fixed:
+                    config_lib.fail(f"mesh.{name}", size,
+                                    f"the other axes ({fixed}) must divide {num_devices} devices")
+                sizes[name] = num_devices // fixed
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    sft_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    precision: InferencePrecision = dataclasses.field(default_factory=InferencePrecision)
+    engine_moe_impl: str = "ragged"
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    init_from: str = ""  # "" (fresh init), an SFT/RL workdir, or a local HF checkpoint dir
+
+    def __post_init__(self):
+        config_lib.check_int("seed", self.seed, min_value=0)
+        config_lib.check_one_of("engine_moe_impl", self.engine_moe_impl,
+                                ("reference", "capacity", "ragged"))
+        s, e = self.scheduler, self.engine
+        config_lib.check(s.max_seq_len <= e.max_len, "scheduler.max_seq_len", s.max_seq_len,
+                         f"must be <= engine.max_len={e.max_len} (a row holds what the engine "
+                         "generated)")
+        config_lib.check(s.max_seq_len <= self.model.max_position_embeddings,
+                         "scheduler.max_seq_len", s.max_seq_len,
+                         f"must be <= model.max_position_embeddings="
+                         f"{self.model.max_position_embeddings}")
+        config_lib.check(s.batch_size % self.rl.num_minibatches == 0, "rl.num_minibatches",
+                         self.rl.num_minibatches,
+                         f"must divide scheduler.batch_size={s.batch_size}")
+        config_lib.check(not self.rl.router_replay or self.engine.record_expert_ids,
+                         "rl.router_replay", self.rl.router_replay,
+                         "needs engine.record_expert_ids=True (the engine records the routing)")
+        config_lib.check(not self.rl.router_replay or self.model.is_moe, "rl.router_replay",
+                         self.rl.router_replay, "needs a MoE model (model.num_experts > 0)")
+
+
+# ------------------------------------------------------------------------------------------------
+# ConfigDict -> dataclasses
+# ------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass type inside ``hint`` (``X`` or ``X | None``), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _to_hashable(value: Any) -> Any:
+    """Lists (and nested dicts, as sorted pairs) become tuples so configs stay hashable."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _to_hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_hashable(v) for v in value)
+    return value
+
+
+def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """``cls(**values)`` with nested dataclasses built recursively; errors name the dotted
+    field."""
+    values = dict(values)
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]} is not a field of {cls.__name__}; "
+                          f"fields: {names}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = _dataclass_in(hints[name])
+        if sub is not None and isinstance(value, Mapping):
+            kwargs[name] = build(sub, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _to_hashable(value)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix}{e}") from None
+        raise
+    except TypeError as e:  # a wrong type that the dataclass could not even hold
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def from_config_dict(cd: Any) -> ExperimentConfig:
+    """Validates an `ml_collections.ConfigDict` (or plain dict) into an `ExperimentConfig`."""
+    values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in values.items()}
+    model_values = dict(values.pop("model", {}))
+    preset = model_values.pop("preset", None)
+    if preset is not None:
+        if preset not in presets.PRESETS:
+            raise ConfigError(f"model.preset={preset!r} is invalid: must be one of "
+                              f"{sorted(presets.PRESETS)}")
+        base = dataclasses.asdict(presets.get(preset))
+        model_values = {**base, **model_values}
+    task = values.get("task")
+    if isinstance(task, Mapping) and isinstance(task.get("kwargs"), Mapping):
+        values["task"] = {**task, "kwargs": tuple(sorted(task["kwargs"].items()))}
+    return build(ExperimentConfig, {**values, "model": model_values})
+
+
+def to_dict(cfg: Any) -> Any:
+    """JSON-able view of a config tree (for config.json)."""
+    return dataclasses.asdict(cfg)
