@@ -188,6 +188,15 @@ class Scheduler:
         """Metrics accumulated since the last call (``sched/`` and ``rollout/`` prefixes)."""
         with self._lock:
             out = self._metrics.pop()
+            # Means over the responses trained / scored since the last pop.
+            trained = out.get("sched/trained_responses", 0.0)
+            if trained:
+                out["sched/versions_spanned_mean"] = out["sched/versions_spanned_sum"] / trained
+                out["sched/reward_mean"] = out["sched/reward_sum"] / trained
+            scored = out.get("sched/responses_finished", 0.0)
+            for name in [k for k in out if k.startswith("sched/reward_info/")]:
+                if scored:
+                    out[name[:-len("_sum")] + "_mean"] = out[name] / scored
             for name, value in self._totals.items():
                 out[f"sched/total/{name}"] = float(value)
             out["sched/version"] = float(self._version)
@@ -458,6 +467,8 @@ class Scheduler:
                 group.members[request.metadata["sample_index"]] = request
                 scoring.append((request, self._pool.submit(self._reward_fn, group.record,
                                                            request)))
+            self._metrics.max("sched/reward_queue_depth_max",
+                              sum(not f.done() for _, f in scoring))
             if out.num_in_flight == 0 or (budgeted and spent >= cfg.token_budget):
                 break
             if out.num_new_tokens == 0:
@@ -521,7 +532,6 @@ class Scheduler:
             m.add("sched/responses_finished", len(scoring))
             m.add("sched/responses_carried", len(unfinished))
             m.add("sched/groups_completed", len(completed))
-            m.max("sched/reward_queue_depth_max", len(scoring))
             self._totals["generated_tokens"] += spent
             self._totals["finished_responses"] += len(scoring)
             self._totals["carried_responses"] += len(unfinished)
@@ -541,6 +551,10 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
+                    if self._source_exhausted and not self._requeue:
+                        self._producer_done = True
+                        self._cond.notify_all()
+                        return
                     required = self._initial_version + max(
                         0, self._batches_generated - self.config.max_staleness)
                     while self._version < required and not self._stop:
