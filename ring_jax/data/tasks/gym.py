@@ -1,0 +1,81 @@
+"""Adapter for `reasoning-gym` (optional ``[gym]`` extra): any registered generator by name,
+scored by that generator's own ``score_answer`` (partial credit where it gives one).
+
+``tasks.get("gym/chain_sum", size=1000, config={"min_terms": 2, "max_terms": 6})``. The
+difficulty knob is the generator's own config (term counts, digits, grid sizes, ...). Items are
+regenerated from ``(dataset, size, seed, config)`` on demand, so a record only carries indices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+from ring_jax.config import check_int, fail
+from ring_jax.data.tasks.base import PromptRecord, Task, last_boxed
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Inverse of `_freeze` for the config (pairs back to a dict at the top level only)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in value}
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset(name: str, size: int, seed: int, config: tuple):
+    import reasoning_gym
+    return reasoning_gym.create_dataset(name, size=size, seed=seed, **_thaw(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class GymTask(Task):
+    dataset: str = "chain_sum"
+    size: int = 1000
+    config: Any = ()  # a dict of generator options; stored frozen (hashable)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("size", self.size, min_value=1)
+        object.__setattr__(self, "config", _freeze(self.config or {}))
+        try:
+            from reasoning_gym.factory import DATASETS
+        except ImportError:
+            fail("task", f"gym/{self.dataset}",
+                 "needs the optional reasoning-gym package: pip install 'ring_jax[gym]'")
+        if self.dataset not in DATASETS:
+            fail("dataset", self.dataset, f"must be a reasoning-gym dataset: {sorted(DATASETS)}")
+
+    @property
+    def name(self) -> str:
+        return f"gym/{self.dataset}"
+
+    @property
+    def num_examples(self) -> int:
+        return self.size
+
+    def _entry(self, index: int, seed: int) -> dict:
+        return _dataset(self.dataset, self.size, seed, self.config)[index % self.size]
+
+    def sample(self, index: int, seed: int) -> PromptRecord:
+        entry = self._entry(index, seed)
+        return PromptRecord(task=self.name, index=index, seed=seed, prompt=entry["question"],
+                            answer=str(entry["answer"]), thoughts=None, metadata={})
+
+    def _sample(self, rng, size):  # `sample` is overridden: items come from reasoning-gym
+        raise NotImplementedError("gym tasks sample reasoning-gym items, see `sample`")
+
+    def _score(self, record, answer_region):
+        boxed = last_boxed(answer_region)
+        answer = (boxed if boxed is not None else answer_region).strip()
+        if not answer:
+            return {"answer_parsed": False, "correct": False}
+        ds = _dataset(self.dataset, self.size, record.seed, self.config)
+        score = float(ds.score_answer(answer=answer, entry=ds[record.index % self.size]))
+        return {"answer_parsed": True, "correct": score >= 1.0, "reward": score}
