@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ring_jax.model import Transformer, init_cache, presets
+from tests.model.conftest import random_variables
 
 PROMPT_LENS = np.array([5, 8, 3])
 DECODE_STEPS = 4
@@ -18,11 +19,8 @@ MAX_LEN = 16
 def setup():
     cfg = presets.get("tiny", n_group=1, topk_group=1)
     tokens = jax.random.randint(jax.random.key(0), (3, 12), 0, cfg.vocab_size)
-    variables = jax.jit(Transformer(cfg).init)(jax.random.key(1), tokens)
     # A non-zero expert bias so selection differs from the plain top-k of the scores.
-    variables["router"] = jax.tree.map(
-        lambda b: jax.random.uniform(jax.random.key(2), b.shape, minval=-0.1, maxval=0.1),
-        variables["router"])
+    variables = random_variables(cfg, bias_scale=0.1)
     return cfg, tokens, variables
 
 
