@@ -83,9 +83,33 @@ def _is_key(x: Any) -> bool:
         x.dtype, jax.dtypes.prng_key)
 
 
+def _replicated_sharding() -> jax.sharding.NamedSharding:
+    """Replicated over every device of every process."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _is_host_local(x: Any) -> bool:
+    """A multi-process run cannot save or restore an array that lives on one local device
+    (a step counter made with jnp.asarray, a key from jax.random.key): orbax needs global
+    arrays. Such leaves are treated as replicated (every process holds the same value)."""
+    sharding = getattr(x, "sharding", None)
+    return jax.process_count() > 1 and (
+        sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding))
+
+
 def _keys_to_data(state: Any) -> Any:
-    """Typed PRNG keys are stored as their raw uint32 key data (orbax has no key dtype)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+    """Typed PRNG keys are stored as their raw uint32 key data (orbax has no key dtype);
+    host-local arrays of a multi-process run become replicated global arrays."""
+
+    def leaf(x):
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        if isinstance(x, jax.Array) and _is_host_local(x):
+            x = jax.make_array_from_process_local_data(_replicated_sharding(), np.asarray(x))
+        return x
+
+    return jax.tree.map(leaf, state)
 
 
 def _abstract_target(state_target: Any) -> Any:
@@ -95,17 +119,16 @@ def _abstract_target(state_target: Any) -> Any:
         if _is_key(x):
             data = jax.eval_shape(jax.random.key_data, x)
             sharding = getattr(x, "sharding", None)
-            if isinstance(sharding, jax.sharding.NamedSharding):
-                # The trailing key-data axis is never sharded.
-                sharding = jax.sharding.NamedSharding(sharding.mesh, sharding.spec)
-            elif sharding is not None and not isinstance(sharding,
-                                                         jax.sharding.SingleDeviceSharding):
+            if not isinstance(sharding, (jax.sharding.NamedSharding,
+                                         jax.sharding.SingleDeviceSharding)):
                 sharding = None
-            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-        if isinstance(x, np.ndarray):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+            # A NamedSharding's spec leaves the trailing key-data axis unsharded.
+            x = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
+            sharding = getattr(x, "sharding", None)
+            if _is_host_local(x):
+                sharding = _replicated_sharding()
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         return x
 
     return jax.tree.map(leaf, state_target)

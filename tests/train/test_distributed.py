@@ -54,9 +54,11 @@ def test_single_process_helpers():
     distributed.sync("noop")
 
 
-def _launch(script, args, tmp_path, module="ring_jax.train.distributed"):
+def _launch(script, args, tmp_path, module="ring_jax.train.distributed", pythonpath=None):
     env = dict(os.environ, PYTHON=sys.executable, RING_JAX_MODULE=module,
                LOGDIR=str(tmp_path / "logs"))
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
                  distributed.ENV_PROCESS_ID, distributed.ENV_MODE, "XLA_FLAGS"):
         env.pop(name, None)
@@ -88,3 +90,14 @@ def test_local_launcher_single_process(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "process 0/1 devices local=1 global=1 psum=1 expected=1 broadcast=100 OK" in \
         result.stdout
+
+
+def test_two_process_checkpoint_save_and_restore(tmp_path):
+    """Host-local leaves (step, key) and a process-sharded array in one multi-process save."""
+    result = _launch("multiprocess_localhost.sh", ["-n", "2", "--", str(tmp_path / "ckpt")],
+                     tmp_path, module="multiprocess_checkpoint_prog",
+                     pythonpath=os.path.dirname(os.path.abspath(__file__)))
+    logs = [open(tmp_path / "logs" / f"process_{i}.log").read() for i in range(2)]
+    assert result.returncode == 0, result.stderr + "\n".join(logs)
+    for i, log in enumerate(logs):
+        assert f"process {i} checkpoint OK" in log, log
