@@ -13,8 +13,8 @@ killed process wrote for steps > s are dropped first (and a half-written last li
 file reads as if the run had never stopped. For that to hold, the loop writes a step's metrics
 before it saves that step's checkpoint. TensorBoard gets the same treatment via `purge_step`.
 
-Only the main process writes (pass `is_main=jax.process_index() == 0`); on the other processes
-every method is a no-op.
+Only the main process writes (`is_main` defaults to `jax.process_index() == 0`); on the other
+processes every method is a no-op.
 """
 from __future__ import annotations
 
@@ -165,7 +165,10 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
                  total_steps: int | None = None, tensorboard: bool = True,
                  console_every: int = 1, console_fields: Mapping[str, str] | None = None,
-                 is_main: bool = True):
+                 is_main: bool | None = None):
+        if is_main is None:
+            import jax
+            is_main = jax.process_index() == 0
         self.is_main = is_main
         self._writers: list[Any] = []
         self.progress: progress_lib.ProgressLine | None = None

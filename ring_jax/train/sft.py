@@ -266,12 +266,15 @@ def make_sft_train_step(model, tx: optax.GradientTransformation, cfg: SFTConfig,
 def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConfig,
               optim_cfg: optim.OptimConfig,
               ckpt_cfg: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig(),
-              *, rng: jax.Array | None = None, is_main: bool = True) -> SFTState:
+              *, rng: jax.Array | None = None, is_main: bool | None = None) -> SFTState:
     """Runs (or resumes) the SFT stage in `directory`; returns the final state.
 
     directory gets checkpoints/ (state + data position), metrics.jsonl, tensorboard/. A
     directory holding a checkpoint resumes from it; one at `cfg.num_steps` returns at once.
     Initialise RL from it with `load_policy(directory, target)`.
+
+    Runs on the default device of one process (the model is tiny/small for this stage); a
+    sharded SFT would jit `make_sft_train_step` with shardings, as the RL loop does.
     """
     tx = optim.make_optimizer(optim_cfg)
     rng = jax.random.key(cfg.seed) if rng is None else rng
