@@ -28,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import logging
 import os
 import selectors
@@ -200,7 +199,7 @@ def run_python(code: str, cfg: SandboxConfig = SandboxConfig(), stdin: str = "")
                 "memory_mb": cfg.memory_mb, "file_size_mb": cfg.file_size_mb,
                 "max_processes": cfg.max_processes, "tmpfs_mb": cfg.tmpfs_mb,
                 "stack_mb": cfg.stack_mb}
-        launcher = [sys.executable, "-I", "-S", _CHILD, json.dumps(spec)]
+        launcher = [sys.executable, "-I", "-S", _CHILD, *(f"{k}={v}" for k, v in spec.items())]
         argv = [*_UNSHARE, "--", *launcher] if isolation == "namespaces" else launcher
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=host_dir, pass_fds=(status_w,),
@@ -265,14 +264,12 @@ def _collect(proc: subprocess.Popen, cfg: SandboxConfig, start: float
 
 
 def _read_status(fd: int) -> dict | None:
+    """The launcher's "exit_code cpu_seconds maxrss_kb" line, or None if it never wrote it."""
     os.set_blocking(fd, False)
     try:
-        data = os.read(fd, 4096)
-    except BlockingIOError:
-        return None
-    try:
-        return json.loads(data) if data else None
-    except ValueError:
+        fields = os.read(fd, 4096).split()
+        return {"exit": int(fields[0]), "cpu_s": float(fields[1]), "maxrss_kb": int(fields[2])}
+    except (BlockingIOError, IndexError, ValueError):
         return None
 
 

@@ -1,8 +1,9 @@
-"""Sandbox launcher, run as ``python -I -S sandbox_child.py SPEC_JSON`` (stdlib only).
+"""Sandbox launcher, run as ``python -I -S sandbox_child.py key=value ...`` (stdlib only; no
+json/ctypes unless needed, since their imports dominate its start-up time).
 
-It forks the untrusted program, waits for it, and writes the program's exit status and CPU
-time as JSON to the status pipe ``spec["status_fd"]`` (which the program never sees, so its
-report cannot be forged from inside).
+It forks the untrusted program, waits for it, and writes "exit_code cpu_seconds maxrss_kb" to
+the status pipe ``status_fd`` (which the program never sees, so its report cannot be forged
+from inside).
 
 "namespaces" mode: this launcher runs as root and is pid 1 of fresh network, mount and pid
 namespaces (``unshare --net --mount --pid --fork --kill-child --mount-proc``). Before forking it
@@ -17,8 +18,6 @@ the pid namespace, so forked or daemonized leftovers cannot outlive the run.
 "rlimits" mode (no namespaces, e.g. not root): the same fork/limits/exec in the host work dir;
 no network isolation, no uid change (RLIMIT_NPROC is then only meaningful for non-root users).
 """
-import ctypes
-import json
 import os
 import resource
 import signal
@@ -28,15 +27,27 @@ MS_NOSUID, MS_NODEV = 2, 4
 PR_SET_PDEATHSIG = 1
 
 
+INT_KEYS = ("status_fd", "uid", "cpu_time_s", "memory_mb", "file_size_mb", "max_processes",
+            "tmpfs_mb", "stack_mb")
+
+
+def parse_spec(argv: list[str]) -> dict:
+    spec = dict(arg.split("=", 1) for arg in argv)
+    for key in INT_KEYS:
+        spec[key] = int(spec[key])
+    return spec
+
+
 def mount_tmpfs(libc, target: str, size_mb: int) -> None:
     if not os.path.isdir(target):
         return
     options = f"size={size_mb}m,mode=1777".encode()
     if libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
-        raise OSError(ctypes.get_errno(), f"mount tmpfs on {target} failed")
+        raise OSError(f"mount tmpfs on {target} failed")
 
 
 def prepare_namespace(spec: dict, program: bytes, stdin: bytes) -> None:
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     for target in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
         mount_tmpfs(libc, target, spec["tmpfs_mb"])
@@ -59,6 +70,7 @@ def exec_program(spec: dict, status_fd: int) -> None:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+            import ctypes
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         limits = {
             resource.RLIMIT_CPU: (spec["cpu_time_s"], spec["cpu_time_s"] + 1),
@@ -83,7 +95,7 @@ def exec_program(spec: dict, status_fd: int) -> None:
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    spec = parse_spec(sys.argv[1:])
     status_fd = spec["status_fd"]
     with open(os.path.join(spec["host_dir"], "program.py"), "rb") as f:
         program = f.read()
@@ -100,9 +112,9 @@ def main() -> None:
         pid, status, rusage = os.wait4(-1, 0)
         if pid == child:
             break
-    report = {"exit": os.waitstatus_to_exitcode(status),
-              "cpu_s": rusage.ru_utime + rusage.ru_stime, "maxrss_kb": rusage.ru_maxrss}
-    os.write(status_fd, json.dumps(report).encode())
+    cpu_s = rusage.ru_utime + rusage.ru_stime
+    report = f"{os.waitstatus_to_exitcode(status)} {cpu_s:.6f} {rusage.ru_maxrss}"
+    os.write(status_fd, report.encode())
     os.close(status_fd)
 
 

@@ -125,7 +125,7 @@ def test_code_wrong_partial_and_hostile(code_task):
                    "[\"ok\", 2]]')\nsys.exit(0)")
     assert forged.reward == 0.0
     looping = score("def add(a, b):\n    while True:\n        pass")
-    assert looping.reward == 0.0 and looping.details["limits"] == ["cpu_time"]
+    assert looping.reward == 0.0 and looping.details["limits"][0] in ("cpu_time", "wall_time")
     no_code = code_task.score(add, "</think>def add(a, b): return a + b")
     assert not no_code.details["answer_parsed"] and no_code.reward == 0.0
 

@@ -5,7 +5,10 @@ fork bombs, writes outside the work dir, parent-env reads, network and kill atta
 with namespaces: as root in "rlimits" mode they would really succeed (RLIMIT_NPROC does not bind
 root, there is no uid change), so those tests skip where namespaces are missing.
 """
+import concurrent.futures
+import dataclasses
 import os
+import signal
 import socket
 
 import pytest
@@ -16,9 +19,13 @@ from ring_jax.data.sandbox import SandboxConfig, SandboxPool, namespaces_availab
 NS = namespaces_available()
 needs_ns = pytest.mark.skipif(not NS, reason="needs root + unshare (namespaces isolation)")
 BASE_UID = 300_000  # separate from the library default, so leftovers are attributable
-CFG = SandboxConfig(wall_timeout_s=4.0, cpu_time_s=1, memory_mb=256, file_size_mb=4,
+# A generous wall limit so CPU-bound attacks hit the CPU limit even on a loaded machine; the
+# attacks that can only end by the wall clock (sleeping) use the short one.
+CFG = SandboxConfig(wall_timeout_s=30.0, cpu_time_s=1, memory_mb=256, file_size_mb=4,
                     max_processes=8, max_output_bytes=16_384, tmpfs_mb=16,
                     isolation="namespaces" if NS else "rlimits", base_uid=BASE_UID)
+SHORT_CFG = dataclasses.replace(CFG, wall_timeout_s=3.0)
+WALL_BOUND = {"sleep_forever", "fork_bomb_persistent"}
 SECRET = "ring-jax-secret-4f9a"
 
 
@@ -101,8 +108,9 @@ def results(host_victims):
 
 
 def _run_all(codes):
-    with SandboxPool(CFG, num_workers=6) as pool:
-        futures = {name: pool.submit(code, stdin="1 2 3\n") for name, code in codes.items()}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = {name: pool.submit(run_python, code, SHORT_CFG if name in WALL_BOUND else CFG,
+                                     "1 2 3\n") for name, code in codes.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -113,12 +121,18 @@ def test_normal_program_passes(results):
 
 def test_infinite_loop_hits_cpu_limit(results):
     r = results["infinite_loop"]
-    assert r.limit == "cpu_time" and not r.ok and r.wall_s < CFG.wall_timeout_s + 1
+    assert r.limit == "cpu_time" and not r.ok and r.exit_code == -signal.SIGXCPU
 
 
 def test_sleep_hits_wall_timeout(results):
     r = results["sleep_forever"]
-    assert r.limit == "wall_time" and r.wall_s < CFG.wall_timeout_s + 1
+    assert r.limit == "wall_time" and r.wall_s < SHORT_CFG.wall_timeout_s + 5
+
+
+def test_pool_runs_concurrently():
+    with SandboxPool(SHORT_CFG, num_workers=3) as pool:
+        results = pool.map([f"print({i} * {i})" for i in range(6)])
+    assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
 
 
 def test_memory_bomb(results):

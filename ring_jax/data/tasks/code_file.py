@@ -65,7 +65,7 @@ def _same(got: Any, expected: Any) -> bool:
 @dataclasses.dataclass(frozen=True)
 class CodeFileTask(FileTask):
     mode: str = "fraction"
-    sandbox: SandboxConfig = SandboxConfig(wall_timeout_s=5.0, cpu_time_s=2)
+    sandbox: SandboxConfig = SandboxConfig(wall_timeout_s=10.0, cpu_time_s=2)
     max_tests: int = 32
 
     name = "code"
