@@ -26,7 +26,9 @@ batches ahead).
 
 Staleness: a response reaches training only if ``trainer version - oldest token version`` is at
 most 0 (sync), σ_max (c3po) or k (async); `next_batch` purges groups that would break this
-(possible when one train step consumes less than one iteration's output) and counts them.
+(possible when one train step consumes less than one iteration's output) and counts them; in
+async mode such a group is dropped, never re-queued, so the producer's schedule cannot depend
+on the trainer's timing.
 
 Multi-host rule: every decision is a pure function of state all JAX processes share — the
 config, counters, the prompt iterator (same seed everywhere), the engine's outputs (identical on
@@ -325,7 +327,10 @@ class Scheduler:
             oldest = group.oldest_version()
             if oldest is not None and self._version - oldest > limit:
                 self._ready.remove(group)
-                self._purge_group(group, "stale_at_batch")
+                # async: the producer runs ahead on its own thread, so a prompt re-queued here
+                # would be picked up at a timing-dependent iteration; such groups are dropped.
+                self._purge_group(group, "stale_at_batch",
+                                  requeue=self.config.mode != "async")
 
     def _record_batch(self, groups: list[Group], start: float) -> None:
         now = self._clock()
@@ -391,7 +396,7 @@ class Scheduler:
         return Group(group_id=group_id, record=record, retries=retries, members=members,
                      rewards=[None] * cfg.group_size, cuts=[0] * cfg.group_size)
 
-    def _purge_group(self, group: Group, reason: str) -> None:
+    def _purge_group(self, group: Group, reason: str, requeue: bool = True) -> None:
         """Drops a group (all G responses count as purged); may re-queue its prompt."""
         cfg = self.config
         self._groups.pop(group.group_id, None)
@@ -401,7 +406,8 @@ class Scheduler:
         self._totals[f"purged_groups/{reason}"] += 1
         self._metrics.add("sched/responses_purged", group.size)
         self._metrics.add("sched/groups_purged", 1)
-        if cfg.purge_policy == "requeue_prompt" and group.retries < cfg.max_prompt_retries:
+        if (requeue and cfg.purge_policy == "requeue_prompt"
+                and group.retries < cfg.max_prompt_retries):
             self._requeue.append((group.record, group.retries + 1))
             self._totals["requeued_prompts"] += 1
 

@@ -179,9 +179,10 @@ class ListPromptIterator:
 
 
 def run_training(scheduler: Any, *, max_batches: int | None = None,
-                 updates_per_batch: int = 1,
+                 updates_per_batch: int = 1, step_delay_s: float = 0.0,
                  metrics: list[dict[str, float]] | None = None) -> list[dict[str, np.ndarray]]:
-    """Plays the trainer: takes batches, publishes ``updates_per_batch`` new versions after each.
+    """Plays the trainer: takes batches, publishes ``updates_per_batch`` new versions after each
+    (after sleeping ``step_delay_s``, a stand-in for the train step).
 
     Each returned batch also holds ``train_version`` (the scheduler's version when the batch was
     taken, i.e. the policy the trainer would update with it). Per-batch `pop_metrics()` dicts are
@@ -197,6 +198,8 @@ def run_training(scheduler: Any, *, max_batches: int | None = None,
         batches.append(batch)
         if metrics is not None:
             metrics.append(scheduler.pop_metrics())
+        if step_delay_s:
+            time.sleep(step_delay_s)
         for _ in range(updates_per_batch):
             scheduler.update_weights(None, scheduler.version + 1)
     return batches

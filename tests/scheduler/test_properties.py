@@ -60,15 +60,16 @@ def schedules(draw, mode):
     )
 
 
-def _run(case):
+def _run(case, step_delay_s=0.0, decode_step_s=0.0):
     config = case["config"]
     engine = testing.FakeEngine(case["num_slots"], _length_fn(*case["lengths"]),
-                                vocab_size=VOCAB, expert_ids_shape=(2, 2))
+                                vocab_size=VOCAB, expert_ids_shape=(2, 2),
+                                decode_step_s=decode_step_s)
     records = testing.prompt_records(case["num_prompts"], max_len=6, vocab_size=VOCAB)
     metrics = []
     with Scheduler(config, engine, records, _reward, testing.grpo_advantages) as sched:
         batches = testing.run_training(sched, updates_per_batch=case["updates_per_batch"],
-                                       metrics=metrics)
+                                       step_delay_s=step_delay_s, metrics=metrics)
         return batches, metrics, sched, engine, records
 
 
@@ -174,7 +175,9 @@ def test_sync_invariants(case):
 @given(schedules("async"))
 def test_async_invariants_and_determinism(case):
     first = _check_invariants(case)
-    _assert_same_batches(first, _run(case)[0])
+    # Same schedule whether the trainer or the producer is the slower side.
+    _assert_same_batches(first, _run(case, step_delay_s=0.004)[0])
+    _assert_same_batches(first, _run(case, decode_step_s=0.0005)[0])
 
 
 def test_c3po_carries_long_responses_across_versions():
