@@ -132,6 +132,12 @@ def test_quickstart_task_is_short():
         assert len(tok.encode(record.solution_text())) + 1 <= 32  # + EOS
 
 
+def test_registry():
+    assert {"addition", "countdown", "math", "code"} <= set(tasks.names())
+    assert tasks.is_known("addition") and tasks.is_known("gym/chain_sum")
+    assert not tasks.is_known("nope") and not tasks.is_known("gym/")
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="max_size"):
         tasks.get("addition", min_size=3, max_size=2)

@@ -44,7 +44,13 @@ def _resolve(name: str) -> Callable[..., Task]:
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY) + [_GYM_PREFIX + "<reasoning-gym dataset>"]
+    """Registered task names (reasoning-gym tasks are additionally ``gym/<dataset>``)."""
+    return sorted(_REGISTRY)
+
+
+def is_known(name: str) -> bool:
+    """Whether ``get(name)`` can resolve the name (a ``gym/`` name is checked by ``get``)."""
+    return name in _REGISTRY or (name.startswith(_GYM_PREFIX) and len(name) > len(_GYM_PREFIX))
 
 
 def get(name: str, **config) -> Task:
@@ -53,9 +59,9 @@ def get(name: str, **config) -> Task:
         from ring_jax.data.tasks.gym import GymTask
         return GymTask(dataset=name[len(_GYM_PREFIX):], **config)
     if name not in _REGISTRY:
-        fail("task", name, f"must be one of {names()}")
+        fail("task", name, f"must be one of {names()} or gym/<reasoning-gym dataset>")
     return _resolve(name)(**config)
 
 
-__all__ = ["PromptRecord", "RewardResult", "Task", "extract_answer", "get", "names", "register",
-           "split_thinking"]
+__all__ = ["PromptRecord", "RewardResult", "Task", "extract_answer", "get", "is_known", "names",
+           "register", "split_thinking"]
