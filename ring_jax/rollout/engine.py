@@ -364,7 +364,9 @@ def _slot_state_sharding(mesh, cfg, config: EngineConfig) -> device_step.SlotSta
     batch_axes = sharding_lib.batch_mesh_axes(mesh, config.num_slots) or None
     cache = jax.tree.map(
         lambda axes: NamedSharding(mesh, P(batch_axes, *sharding_lib.spec_for(axes, mesh)[1:])),
-        model_lib.cache_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+        model_lib.cache_logical_axes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
+                                                       for a in x))
     row, rows2 = NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(batch_axes, None))
     return device_step.SlotState(
         cache=cache, last_token_B=row, pos_B=row, num_generated_B=row, active_B=row,
