@@ -96,7 +96,7 @@ def prompt_dataset(sources: Sequence[PromptSource] | Task, tokenizer, *, seed: i
 
     indices = []
     for i, src in enumerate(sources):
-        ds = grain.MapDataset.range(src.size).shuffle(seed=seed * 1_000_003 + i)
+        ds = grain.MapDataset.range(src.size).shuffle(seed=(seed * 1_000_003 + i) % 2**32)
         indices.append(ds.repeat(num_epochs).map(lambda idx, i=i: (i, int(idx))))
     mixed = indices[0] if len(indices) == 1 else grain.MapDataset.mix(
         indices, [s.weight for s in sources])
