@@ -243,3 +243,18 @@ def test_partial_restore_of_params_and_router(tmp_path):
     _assert_tree_equal(restored.state["params"], state["params"])
     _assert_tree_equal(restored.state["router"], state["router"])
     assert restored.meta == {"stage": "sft"}
+
+
+def test_scheduler_encoded_state_round_trips(tmp_path):
+    """The scheduler's flat numpy encoding (ring_jax.scheduler.state) as the `arrays` item."""
+    from ring_jax.scheduler import state as sched_state
+    tree = {"buffer": [{"tokens": np.arange(5, dtype=np.int32), "logp": np.zeros(0, np.float32),
+                        "sigma": 2}], "version": 3, "empty": np.zeros((0, 4), np.int64)}
+    flat = sched_state.encode(tree)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state={"step": jnp.asarray(1)}, arrays={"scheduler": flat})
+        restored = ckpt.restore({"step": jnp.asarray(0)})
+    back = sched_state.decode(restored.arrays["scheduler"])
+    np.testing.assert_array_equal(back["buffer"][0]["tokens"], np.arange(5))
+    assert back["buffer"][0]["logp"].shape == (0,) and back["buffer"][0]["sigma"] == 2
+    assert back["version"] == 3 and back["empty"].shape == (0, 4)
