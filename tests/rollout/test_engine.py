@@ -8,28 +8,19 @@ import pytest
 
 from ring_jax.model import Transformer
 from ring_jax.rollout import reference
-from ring_jax.rollout.engine import Engine, EngineConfig, RequestError
-from ring_jax.rollout.precision import InferencePrecision
+from ring_jax.rollout.engine import RequestError
 from ring_jax.rollout.types import FINISH_LENGTH, FINISH_STOP, Request, SamplingParams
 
-MAX_LEN = 64
+MAX_LEN = 64  # the shared engine's (conftest)
 NUM_REQUESTS = 6  # every reference run uses this batch size (one compile)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_cfg, tiny_variables):
-    # 4 slots for 6 requests: refills happen; one prompt bucket (min_prefill_len = max_len).
-    config = EngineConfig(num_slots=4, max_len=MAX_LEN, decode_chunk=4, record_expert_ids=True,
-                          min_prefill_len=MAX_LEN)
-    return Engine.from_model(tiny_cfg, tiny_variables, config, InferencePrecision("float32"))
-
-
 @pytest.fixture
-def fresh(engine, tiny_variables):
-    """The shared engine, empty and holding the base weights as version 0."""
-    engine.drain()
-    engine.load_weights(tiny_variables, 0)
-    return engine
+def fresh(fp32_engine, tiny_variables):
+    """The shared float32 engine (4 slots), empty and holding the base weights as version 0."""
+    fp32_engine.drain()
+    fp32_engine.load_weights(tiny_variables, 0)
+    return fp32_engine
 
 
 @pytest.fixture(scope="module")
