@@ -134,10 +134,20 @@ def _abstract_target(state_target: Any) -> Any:
     return jax.tree.map(leaf, state_target)
 
 
-def _data_to_keys(restored: Any, state_target: Any) -> Any:
-    return jax.tree.map(
-        lambda r, t: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_key(t)
-        else r, restored, state_target)
+def _to_target(restored: Any, state_target: Any) -> Any:
+    """Undoes the storage forms: key data -> typed keys; replicated global arrays of a
+    multi-process run -> back onto the target's local device (as the caller asked)."""
+
+    def leaf(r, t):
+        if isinstance(r, jax.Array) and _is_host_local(t):
+            local = r.addressable_data(0)
+            sharding = getattr(t, "sharding", None)
+            r = jax.device_put(local, sharding) if sharding is not None else local
+        if _is_key(t):
+            r = jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+        return r
+
+    return jax.tree.map(leaf, restored, state_target)
 
 
 def encode_arrays(arrays: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
@@ -241,8 +251,8 @@ class Checkpointer:
         if _MANIFEST_KEY in meta:
             raise ValueError(f"meta key {_MANIFEST_KEY!r} is reserved")
         meta[_MANIFEST_KEY] = manifest
-        if metrics is not None:
-            metrics = {k: float(v) for k, v in metrics.items()}
+        # An empty dict (a step without evaluation) is "no metrics", not a missing metric.
+        metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
         if self.cfg.best_metric and metrics is not None and self.cfg.best_metric not in metrics:
             raise KeyError(f"metrics passed to save lack best_metric={self.cfg.best_metric!r}")
         saved = self._manager.save(
@@ -288,7 +298,7 @@ class Checkpointer:
         meta = dict(restored["meta"])
         manifest = meta.pop(_MANIFEST_KEY)
         arrays = decode_arrays(restored["arrays"], manifest)
-        state = _data_to_keys(restored["state"], state_target)
+        state = _to_target(restored["state"], state_target)
         return Restored(step=step, state=state, meta=meta, arrays=arrays)
 
     def wait(self) -> None:
