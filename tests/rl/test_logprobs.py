@@ -48,11 +48,12 @@ def _naive(hidden, w, targets, temperature=1.0):
     return logprobs.logprobs_from_logits(logits, targets, temperature=temperature)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 13, 64])
-def test_chunked_equals_unchunked_values_and_gradients(chunk_size):
+# vocab_chunk_size 7 -> V=50 is split in 10 slices of 5 in the backward pass.
+@pytest.mark.parametrize("chunk_size,vocab_chunk_size", [(1, 50), (4, 7), (13, 7), (64, 64)])
+def test_chunked_equals_unchunked_values_and_gradients(chunk_size, vocab_chunk_size):
     hidden, w, targets = _inputs()
     chunked = functools.partial(logprobs.token_logprobs_and_entropy, chunk_size=chunk_size,
-                                temperature=0.9)
+                                vocab_chunk_size=vocab_chunk_size, temperature=0.9)
     naive = functools.partial(_naive, temperature=0.9)
     logp, entropy = jax.jit(chunked)(hidden, w, targets)
     ref_logp, ref_entropy = _np_reference(hidden, w, targets, 0.9)
@@ -74,6 +75,17 @@ def test_bf16_inputs_accumulate_in_float32_and_entropy_can_be_skipped():
     assert entropy is None and logp.dtype == jnp.float32
     ref_logp, _ = _np_reference(hidden, w, targets, 1.0)  # from the same bf16 values
     np.testing.assert_allclose(np.asarray(logp), ref_logp, rtol=1e-4, atol=1e-4)
+    # Without entropy the gradient is that of the log-probs alone; bf16 backward matmuls.
+    def loss(fn, h, w_):
+        return jnp.sum(fn(h, w_, targets)[0])
+    chunked = functools.partial(logprobs.token_logprobs_and_entropy, chunk_size=5,
+                                vocab_chunk_size=10, compute_entropy=False)
+    got = jax.grad(functools.partial(loss, chunked), argnums=(0, 1))(hidden, w)
+    want = jax.grad(functools.partial(loss, _naive), argnums=(0, 1))(hidden, w)
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=2e-2, atol=2e-2)
 
 
 def test_chunked_gradient_never_holds_full_logits():
