@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sft = dict(seq_len=128, batch_size=16, num_steps=150, log_every=25)
     c.sft_optim = dict(learning_rate=3e-3, warmup_steps=20, clip_norm=1.0)
     c.rl = dict(num_steps=40, num_minibatches=2, router_bias_rate=1e-3, logprob_chunk=64,
-                advantage="grpo",
+                advantage=dict(estimator="grpo"),
                 loss=dict(correction="icepop", alpha=0.5, beta=5.0, eps_low=0.2, eps_high=0.28,
                           aggregation="seq_mean_token_mean"),
                 optim=dict(learning_rate=1e-3, warmup_steps=5, clip_norm=1.0))

@@ -9,7 +9,8 @@ keeps one definition (and one validation) across the library:
     task        TaskConfig: registered task name + its keyword arguments
     eval        EvalConfig: held-out pass@1 (greedy) and avg@k (sampled)
     sft         SFTConfig (``sft.num_steps = 0`` skips the SFT warm start); sft_optim
-    rl          RLConfig: steps, minibatches, router bias/replay, loss (LossConfig), optim
+    rl          RLConfig: steps, minibatches, advantage (AdvantageConfig), router bias/replay,
+                loss (LossConfig), optim (OptimConfig)
     scheduler   SchedulerConfig (sampling: SamplingParams)
     engine      EngineConfig;  precision  InferencePrecision (the engine's numerics);
                 engine_moe_impl: the engine's MoE dispatch ("ragged": dropless, batch-independent)
@@ -30,6 +31,7 @@ from ring_jax.config import ConfigError
 from ring_jax.data.rewards import RewardConfig
 from ring_jax.model import presets
 from ring_jax.model.config import ModelConfig
+from ring_jax.rl.advantages import AdvantageConfig
 from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
@@ -79,7 +81,7 @@ class RLConfig:
 
     num_steps: int = 100
     num_minibatches: int = 1
-    advantage: str = "grpo"  # group-relative estimator (`ring_jax.rl.advantages`)
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     router_bias_rate: float = 1e-3  # u of the aux-loss-free bias update (PAPER §4); 0: frozen
     router_replay: bool = False  # R3: train with the experts the engine chose
     logprob_chunk: int = 128  # tokens per chunk of the log-prob / entropy computation

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ring_jax import sharding
 from ring_jax.data import pipeline, rewards, tasks
@@ -116,7 +117,10 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     prompts = pipeline.prompt_iterator(pipeline.prompt_dataset(
         task, tokenizer, seed=cfg.seed, num_epochs=None, num_prompts=cfg.task.num_prompts,
         thinking=cfg.task.thinking))
-    advantage_fn = advantages_lib.make_advantage_fn(cfg.rl.advantage)
+    group_advantages = jax.jit(lambda rewards_NG: advantages_lib.compute_advantages(
+        rewards_NG, cfg.rl.advantage).advantages)
+    advantage_fn = lambda rewards_G: np.asarray(group_advantages(
+        np.asarray(rewards_G, np.float32)[None]))[0]
     scheduler = Scheduler(
         sched_cfg, engine, prompts,
         reward_fn=lambda record, request: reward_fn(record, request.tokens,
