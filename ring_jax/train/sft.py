@@ -278,12 +278,15 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
     """
     tx = optim.make_optimizer(optim_cfg)
     rng = jax.random.key(cfg.seed) if rng is None else rng
-    state = init_sft_state(model, tx, rng, cfg.seq_len)
     data = SFTBatches(task, tokenizer, cfg)
     start = 0
     with checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), ckpt_cfg) as ckpt:
-        if ckpt.latest_step() is not None:
-            restored = ckpt.restore(state)
+        if ckpt.latest_step() is None:
+            state = init_sft_state(model, tx, rng, cfg.seq_len)
+        else:
+            # Shapes only: a resumed (or finished) stage never pays for the model's init.
+            target = jax.eval_shape(lambda: init_sft_state(model, tx, rng, cfg.seq_len))
+            restored = ckpt.restore(target)
             state, start = restored.state, restored.step
             data.set_state(restored.meta["data"])
         writer = metrics_lib.MetricsWriter(
