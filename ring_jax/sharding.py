@@ -116,11 +116,16 @@ def param_logical_axes(model: nn.Module, *init_args, **init_kwargs) -> Any:
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
 def param_shardings(mesh: Mesh, logical_axes: Any, rules: Rules | None = None) -> Any:
-    """NamedShardings for a pytree of logical-axis tuples (e.g. from `param_logical_axes`)."""
+    """NamedShardings for a pytree of logical-axis tuples (from `param_logical_axes`, or
+    `ring_jax.model.cache_logical_axes` for the KV cache)."""
     rules = rules or current_rules()
     return jax.tree.map(lambda axes: NamedSharding(mesh, spec_for(axes, mesh, rules)),
-                        logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+                        logical_axes, is_leaf=_is_axes)
 
 
 def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2,

@@ -171,9 +171,14 @@ def dispatch_experts(x_BTD, ids_BTK, weights_BTK, valid_BT, w_gate_EDF, w_up_EDF
         b, t, d = x.shape
         y, dropped = local_fn(x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1),
                               valid.reshape(-1), wg, wu, wd, cfg, expert_axis, tensor_axis)
-        dropped = jax.lax.psum(dropped, tuple(mesh.axis_names))
-        if tensor_axis is not None:  # every tensor shard counted the same tokens
-            dropped = dropped / jax.lax.axis_size(tensor_axis)
+        # Sum the local counts over the shards that hold different tokens.
+        varying = tuple(a for a in mesh.axis_names if a in jax.typeof(dropped).manual_axis_type.varying)
+        dropped = jax.lax.psum(dropped, varying) if varying else dropped
+        # Tokens replicated over an axis (a batch too small to split) came back identical on
+        # each of its shards but typed as varying there; pmean makes them one value.
+        extra = tuple(a for a in mesh.axis_names
+                      if a in jax.typeof(y).manual_axis_type.varying and a not in batch_axes)
+        y = jax.lax.pmean(y, extra) if extra else y
         return y.reshape(b, t, d), dropped
 
     fn = jax.shard_map(body, mesh=mesh,
