@@ -14,6 +14,11 @@ written, so a crash or SIGKILL mid-save leaves the previous step as the latest c
 Saves are asynchronous: `save` returns once device arrays are copied to host; `wait()` blocks
 until the write is committed.
 
+Multi-process runs: every process calls `save`/`restore` with the same arguments; each writes
+its own shards, process 0 the JSON and numpy items. Leaves living on a single local device (a
+step counter from `jnp.asarray`, a key from `jax.random.key`) are stored as replicated global
+arrays and restored back onto the local device the target names.
+
 Retention keeps the newest `max_to_keep` steps plus the `keep_best` steps with the best value of
 `best_metric` among steps saved with metrics.
 

@@ -121,14 +121,17 @@ def pack_next_fit(examples: Iterator[Mapping[str, np.ndarray]] | list, num_rows:
         if example is None:
             break
         n = len(example["inputs"])
-        if n > seq_len:
+        too_long = n > seq_len
+        if too_long:
             example = {k: v[:seq_len] for k, v in example.items()}
-            n, truncated = seq_len, truncated + 1
+            n = seq_len
         if col + n > seq_len:
             row, col, segment = row + 1, 0, 0
             if row == num_rows:
                 pending = example
                 break
+        # Counted when placed: a pending example is re-read (and cut again) by the next batch.
+        truncated += int(too_long)
         segment += 1
         batch["tokens"][row, col:col + n] = example["inputs"]
         batch["targets"][row, col:col + n] = example["targets"]

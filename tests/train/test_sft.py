@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from ring_jax.config import ConfigError
 from ring_jax.data import tasks
@@ -189,3 +190,28 @@ def test_train_sft_resume_equals_uninterrupted(tmp_path, tok):
                                               "router": straight["router"]})
     for a, b in zip(jax.tree.leaves(policy["params"]), jax.tree.leaves(straight["params"])):
         np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=0, max_size=20), st.integers(1, 4),
+       st.integers(2, 16))
+def test_pack_next_fit_properties(lengths, num_rows, seq_len):
+    examples = [_ex(n, start=100 * i, prompt_len=1) for i, n in enumerate(lengths)]
+    batch, pending, consumed, truncated = sft.pack_next_fit(examples, num_rows, seq_len)
+    # Examples are placed whole (or cut to seq_len), in order, each once; then one is pending.
+    assert consumed + (pending is not None) <= len(examples)
+    assert truncated == sum(n > seq_len for n in lengths[:consumed])
+    placed = []
+    for row in range(num_rows):
+        seg_T, pos_T = batch["segment_ids"][row], batch["positions"][row]
+        used = int((seg_T > 0).sum())
+        assert np.all(seg_T[:used] > 0) and np.all(seg_T[used:] == 0)   # padding at the end
+        for segment in range(1, int(seg_T.max(initial=0)) + 1):
+            idx = np.flatnonzero(seg_T == segment)
+            np.testing.assert_array_equal(pos_T[idx], np.arange(len(idx)))
+            placed.append(batch["tokens"][row, idx])
+    assert len(placed) == consumed
+    for tokens, ex in zip(placed, examples):
+        np.testing.assert_array_equal(tokens, ex["inputs"][:seq_len])
+    if pending is not None:
+        np.testing.assert_array_equal(pending["inputs"], examples[consumed]["inputs"][:seq_len])
