@@ -36,15 +36,19 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def _to_jsonable(value: Any) -> Any:
-    """Scalars (python, numpy, 0-d jax arrays) -> float/int/bool; other values unchanged."""
+    """Scalars (python, numpy, 0-d jax arrays) -> float/int/bool; arrays -> nested lists
+    (kept in the JSONL, skipped by TensorBoard); strings and None unchanged."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if hasattr(value, "shape") and hasattr(value, "dtype") and np.ndim(value) == 0:
-        return _to_jsonable(np.asarray(value).item())
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        array = np.asarray(value)
+        return _to_jsonable(array.item()) if array.ndim == 0 else array.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
     return value
 
 

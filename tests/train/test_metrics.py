@@ -27,7 +27,8 @@ def test_jsonl_resume_drops_steps_after_restored_step(tmp_path):
     writer = metrics_lib.JsonlWriter(tmp_path, clock=clock)
     for step in range(1, 6):
         clock.t += 10
-        writer.write(step, {"rl/reward_mean": jnp.float32(step / 10), "n": np.int64(step)})
+        writer.write(step, {"rl/reward_mean": jnp.float32(step / 10), "n": np.int64(step),
+                            "moe/load": jnp.arange(4).reshape(2, 2), "note": "x"})
     writer.close()
     # A kill mid-write leaves a torn line; it must not break the resume.
     with open(tmp_path / metrics_lib.METRICS_FILE, "a") as f:
@@ -41,6 +42,7 @@ def test_jsonl_resume_drops_steps_after_restored_step(tmp_path):
     records = metrics_lib.read_jsonl(tmp_path / metrics_lib.METRICS_FILE)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["n"] == 1 and isinstance(records[0]["n"], int)
+    assert records[0]["moe/load"] == [[0, 1], [2, 3]] and records[0]["note"] == "x"
     assert records[2]["rl/reward_mean"] == pytest.approx(0.3)
     # Elapsed continues from step 3's 30 s, not from the killed process's 50 s or the downtime.
     assert [r["time/elapsed_s"] for r in records] == [10.0, 20.0, 30.0, 40.0]
@@ -77,7 +79,8 @@ def test_metrics_writer_fans_out(tmp_path):
     writer = metrics_lib.MetricsWriter(tmp_path, total_steps=4, console_every=2)
     writer.progress.stream = stream
     for step in range(1, 5):
-        metrics = {"rl/reward_mean": step / 4, "perf/tokens_per_s": 1500.0}
+        metrics = {"rl/reward_mean": step / 4, "perf/tokens_per_s": 1500.0,
+                   "moe/load": np.ones((2, 3))}   # not a scalar: JSONL only
         if step == 2:
             metrics["eval/pass@1"] = 0.75
         writer.write(step, metrics)
@@ -92,6 +95,7 @@ def test_metrics_writer_fans_out(tmp_path):
     assert "eval 0.750" in lines[1] and "reward 1" in lines[1]
     scalars = _tb_scalars(tmp_path / metrics_lib.TENSORBOARD_DIR)
     assert scalars["rl/reward_mean"] == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    assert "moe/load" not in scalars
     # TensorBoard tags allow [A-Za-z0-9_./-]: tensorboardX writes "pass@1" as "pass_1".
     assert scalars["eval/pass_1"] == [(2, 0.75)]
 
