@@ -10,7 +10,6 @@ checkpoint by writing in the background.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time

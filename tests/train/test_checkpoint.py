@@ -140,11 +140,6 @@ def test_invalid_configs(kwargs, message):
     assert str(err.value) == message
 
 
-_ragged_member = hnp.arrays(dtype=st.sampled_from([np.int32, np.float32, np.uint8]),
-                            shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
-                                                   max_side=4))
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 5), max_size=6), st.integers(0, 2),
        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))

@@ -11,7 +11,8 @@ from ring_jax.config import ConfigError
 from ring_jax.data import tasks
 from ring_jax.data.tokenizer import get_tokenizer
 from ring_jax.model import Transformer, presets
-from ring_jax.train import optim, sft
+from ring_jax.train import checkpoint, optim, sft
+from ring_jax.train import metrics as metrics_lib
 
 
 def _ex(n, start=1, prompt_len=1):
@@ -171,7 +172,6 @@ def test_train_sft_resume_equals_uninterrupted(tmp_path, tok):
     model = Transformer(presets.get("tiny"))
     task = tasks.get("addition")
     cfg = dataclasses.replace(_CFG, num_steps=4, log_every=1)
-    from ring_jax.train import checkpoint, metrics as metrics_lib
     ckpt_cfg = checkpoint.CheckpointConfig(save_every=2)
     straight = sft.train_sft(model, task, tok, tmp_path / "a", cfg, _OPTIM, ckpt_cfg)
     sft.train_sft(model, task, tok, tmp_path / "b", dataclasses.replace(cfg, num_steps=2),
