@@ -49,7 +49,8 @@ class SchedulerConfig:
     # async
     max_staleness: int = 1  # k: batch n is generated with weights v0 + n - k
     # Engine.step is called in chunks of this many tokens so finished responses go to the reward
-    # workers while the engine keeps generating (0: one step call per iteration).
+    # workers while the engine keeps generating, and (c3po) new prompts refill the capacity
+    # they free (0: one step call per iteration).
     step_chunk_tokens: int = 1024
     num_reward_workers: int = 4
     seed: int = 0  # request sampling seeds are derived from (seed, group id, sample index)

@@ -6,7 +6,8 @@ One rollout *iteration* (PAPER §2):
      (``drop_group``: its responses are discarded; ``requeue_prompt``: and its prompt is queued
      again, at most ``max_prompt_retries`` times, as a new group);
   3. resume the buffered unfinished responses first (oldest first), then admit new prompts —
-     whole groups of G requests — into the capacity left (c3po: ``max_active_requests``;
+     whole groups of G requests — into the capacity left (c3po: ``max_active_requests``
+     requests in flight, topped up again after every chunked step call as responses finish;
      sync/async: one batch worth of prompts);
   4. generate: ``engine.step`` in chunks of ``step_chunk_tokens``; each finished response goes
      to the reward worker pool at once, so scoring overlaps generation; c3po stops once Φ new
@@ -441,16 +442,22 @@ class Scheduler:
             num_new = (cfg.max_active_requests - len(self._buffer)) // cfg.group_size
         else:
             num_new = cfg.prompts_per_batch
-        for _ in range(num_new):
+        requests.extend(self._admit(num_new))
+        self._totals["resumed_responses"] += len(self._buffer)
+        self._metrics.add("sched/responses_resumed", len(self._buffer))
+        self._buffer = []
+        return requests
+
+    def _admit(self, num_groups: int) -> list[Request]:
+        """Opens up to ``num_groups`` new groups (re-queued prompts first); their requests."""
+        requests = []
+        for _ in range(num_groups):
             item = self._next_record()
             if item is None:
                 break
             group = self._new_group(*item)
             self._groups[group.group_id] = group
             requests.extend(group.members)
-        self._totals["resumed_responses"] += len(self._buffer)
-        self._metrics.add("sched/responses_resumed", len(self._buffer))
-        self._buffer = []
         return requests
 
     def _generate(self, requests: list[Request]):
@@ -475,12 +482,21 @@ class Scheduler:
                                                            request)))
             self._metrics.max("sched/reward_queue_depth_max",
                               sum(not f.done() for _, f in scoring))
-            if out.num_in_flight == 0 or (budgeted and spent >= cfg.token_budget):
+            in_flight = out.num_in_flight
+            if budgeted and spent < cfg.token_budget:
+                # C3PO++: new prompts fill the capacity that finished responses free up, so the
+                # slots stay busy for the whole budget (only between chunked step calls).
+                with self._lock:
+                    new = self._admit((cfg.max_active_requests - in_flight) // cfg.group_size)
+                if new:
+                    self._engine.add(new)
+                    in_flight += len(new)
+            if in_flight == 0 or (budgeted and spent >= cfg.token_budget):
                 break
-            if out.num_new_tokens == 0:
+            if out.num_new_tokens == 0 and out.num_in_flight:
                 raise RuntimeError(f"engine.step({budget}) made no progress with "
                                    f"{out.num_in_flight} requests in flight")
-        unfinished = self._engine.drain() if out.num_in_flight else []
+        unfinished = self._engine.drain() if in_flight else []
         return spent, busy, scoring, unfinished
 
     def _rollout_iteration(self) -> bool:
