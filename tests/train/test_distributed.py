@@ -101,3 +101,22 @@ def test_two_process_checkpoint_save_and_restore(tmp_path):
     assert result.returncode == 0, result.stderr + "\n".join(logs)
     for i, log in enumerate(logs):
         assert f"process {i} checkpoint OK" in log, log
+
+
+def test_slurm_script_runs_two_tasks_with_jax_slurm_detection(tmp_path):
+    """launch/slurm_gpu.sbatch with a stand-in srun: JAX finds its peers from SLURM_* alone."""
+    env = dict(os.environ, RING_JAX_MODULE="ring_jax.train.distributed", CONFIG="unused",
+               WORKDIR=str(tmp_path / "run"), VENV=os.path.dirname(os.path.dirname(
+                   sys.executable)), FAKE_SLURM_LOGDIR=str(tmp_path), FAKE_SLURM_NTASKS="2",
+               JAX_PLATFORMS="cpu",
+               PATH=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_slurm")
+               + os.pathsep + os.environ["PATH"])
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+                 distributed.ENV_PROCESS_ID, distributed.ENV_MODE, "XLA_FLAGS"):
+        env.pop(name, None)
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch")],
+                            env=env, capture_output=True, text=True, timeout=180)
+    logs = [open(tmp_path / f"task_{i}.log").read() for i in range(2)]
+    assert result.returncode == 0, result.stdout + result.stderr + "\n".join(logs)
+    for i, log in enumerate(logs):
+        assert f"process {i}/2 devices local=1 global=2 psum=2050" in log and "OK" in log, log
