@@ -120,3 +120,26 @@ def test_slurm_script_runs_two_tasks_with_jax_slurm_detection(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr + "\n".join(logs)
     for i, log in enumerate(logs):
         assert f"process {i}/2 devices local=1 global=2 psum=2050" in log and "OK" in log, log
+
+
+def test_tpu_script_passes_arguments_through_unchanged(tmp_path):
+    """launch/tpu_vm.sh run: the remote command gets every argument verbatim (spaces, quotes)."""
+    remote_python = tmp_path / "ring_jax" / ".venv" / "bin" / "python"
+    remote_python.parent.mkdir(parents=True)
+    # The "worker's" python records its environment switch and arguments, one per line.
+    remote_python.write_text('#!/usr/bin/env bash\necho "mode=$RING_JAX_DISTRIBUTED" > args.txt\n'
+                             'printf "%s\\n" "$@" >> args.txt\n')
+    remote_python.chmod(0o755)
+    env = dict(os.environ, FAKE_TPU_HOME=str(tmp_path),
+               PATH=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_gcloud")
+               + os.pathsep + os.environ["PATH"])
+    args = ["--config=experiments/icepop.py:correction=tis,local", "--workdir=gs://b/run 1",
+            "--config.name=it's \"quoted\" $HOME"]
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "run", "my-tpu",
+                             "zone-a", "--", *args], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "ring_jax" / "args.txt").read_text().splitlines()
+    assert lines == ["mode=auto", "-m", "ring_jax.main", *args]
+    call = (tmp_path / "gcloud_calls.log").read_text()
+    assert "compute tpus tpu-vm ssh my-tpu --zone=zone-a --worker=all" in call
