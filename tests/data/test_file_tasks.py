@@ -46,14 +46,17 @@ def test_math_equivalent_forms(math_task):
 
 @pytest.mark.parametrize("answer", ["9^{9^{9}}", "9^9^9", "2^{99999999}", "(10^{8})!",
                                     "\\binom{100000000}{50000000}", "2**2**2**2**2",
-                                    "100000!", "1" * 400])
+                                    "100000!", "1" * 400, "(((9)!)!)!", "9^(9)!",
+                                    "\\sqrt[e^{\\exp(10!)}]{10}", "\\exp(\\exp(99))",
+                                    "\\log(\\sqrt[7*999!]{2})"])
 def test_math_rejects_answers_that_would_freeze_sympy(math_task, answer):
     assert looks_expensive(answer)
     result = math_task.score(math_task.sample(1, 0), f"</think>\\boxed{{{answer}}}")
     assert result.reward == 0.0 and result.details.get("rejected")
 
 
-@pytest.mark.parametrize("answer", ["2^{10}", "\\frac{5}{6}", "x^2 + 1", "5!", "(-2, 3)"])
+@pytest.mark.parametrize("answer", ["2^{10}", "\\frac{5}{6}", "x^2 + 1", "5!", "(-2, 3)",
+                                    "e^{2}", "\\sqrt[3]{2}", "\\binom{6}{2}", "2^{99999}"])
 def test_math_guard_keeps_ordinary_answers(answer):
     assert not looks_expensive(answer)
 

@@ -21,9 +21,10 @@ _MAX_ANSWER_CHARS = 300
 
 
 def _group_after(text: str, start: int) -> str:
-    """The exponent starting at ``start``: a {...} or (...) group, else a run of word chars."""
-    if start < len(text) and text[start] in "{(":
-        close = {"{": "}", "(": ")"}[text[start]]
+    """The exponent starting at ``start``: a {...}, (...) or [...] group, else a run of word
+    chars."""
+    if start < len(text) and text[start] in "{([":
+        close = {"{": "}", "(": ")", "[": "]"}[text[start]]
         depth = 0
         for j in range(start, len(text)):
             depth += (text[j] == text[start]) - (text[j] == close)
@@ -35,20 +36,37 @@ def _group_after(text: str, start: int) -> str:
 
 
 def looks_expensive(text: str) -> bool:
-    """True if sympy could spend unbounded time on this answer (see the module docstring)."""
+    """True if sympy could spend unbounded time on this answer (see the module docstring).
+
+    Rejects: long answers; power towers (``exp`` counts as a power) or exponents with > 5 digits
+    or a factorial inside, and the same inside an n-th root's index; any factorial whose
+    argument is not a plain integer of at most 2 digits, binomial whose arguments are not plain
+    integers of at most 4 digits, any Gamma, or more than one of them (``(9!)!`` is as bad as
+    ``362880!``)."""
     if len(text) > _MAX_ANSWER_CHARS:
         return True
-    compact = re.sub(r"\s+", "", text)
-    numbers = re.findall(r"\d+", compact)
+    # exp(a) is e^(a) for this purpose: e^{exp(10!)} is a tower too.
+    compact = re.sub(r"\s+", "", text).replace("\\exp", "e^").replace("exp(", "e^(")
     for m in re.finditer(r"\^|\*\*", compact):
         exponent = _group_after(compact, m.end())
         rest = compact[m.end() + len(exponent):]
-        if ("^" in exponent or "**" in exponent or rest.startswith(("^", "**"))
+        if (any(op in exponent for op in ("^", "**", "!", "binom", "Gamma"))
+                or rest.startswith(("^", "**", "!"))
                 or any(len(d) > 5 for d in re.findall(r"\d+", exponent))):
             return True
-    combinatorial = re.search(r"!|binom|choose|factorial|Gamma", compact)
-    big_number = any(len(d) > 4 for d in numbers)
-    return bool(combinatorial and ("^" in compact or "**" in compact or big_number))
+    for m in re.finditer(r"\\sqrt\[", compact):  # an n-th root is the power 1/n
+        index = _group_after(compact, m.end() - 1)
+        if (any(op in index for op in ("^", "**", "!", "binom", "Gamma", "sqrt"))
+                or any(len(d) > 5 for d in re.findall(r"\d+", index))):
+            return True
+    combinatorial = re.findall(r"!|binom|choose|factorial|Gamma|Γ", compact)
+    if not combinatorial:
+        return False
+    if len(combinatorial) > 1:
+        return True
+    if "!" in combinatorial:
+        return not re.search(r"(?:^|[^\w.)}])(?:\d{1,2}|\(\d{1,2}\)|\{\d{1,2}\})!", compact)
+    return not re.search(r"binom\{\d{1,4}\}\{\d{1,4}\}|binom\(\d{1,4},\d{1,4}\)", compact)
 
 
 def _as_math(text: str) -> str:
