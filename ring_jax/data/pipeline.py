@@ -2,7 +2,7 @@
 
     indices per source ── shuffle(seed_i) ── repeat(num_epochs) ─┐
                                                                   ├─ mix(weights) ─ sample +
-    ...                                                           ┘   tokenize ─ repeat G (group)
+    ...                                                           ┘  tokenize ─ repeat G (group)
 
 Everything is a `grain.MapDataset`, i.e. a pure function of the position, so an iterator's
 state is just its position (``{"next_index": n}``, JSON-able) and restoring it in a new process

@@ -163,6 +163,6 @@ class HFTokenizer:
 
 
 def get_tokenizer(name: str = "byte", **kwargs) -> ByteTokenizer | HFTokenizer:
-    """``"byte"`` → `ByteTokenizer(**kwargs)`; ``"hf"`` → `HFTokenizer(**kwargs)` (needs path)."""
+    """``"byte"``: `ByteTokenizer(**kwargs)`; ``"hf"``: `HFTokenizer(**kwargs)` (needs path)."""
     check_one_of("tokenizer", name, ("byte", "hf"))
     return ByteTokenizer(**kwargs) if name == "byte" else HFTokenizer(**kwargs)

@@ -147,3 +147,20 @@ def test_code_sandbox_mode_is_namespaced_when_possible(code_task):
         record = code_task.sample(0, 0)
         probe = "import os\ndef add(a, b):\n    return a + b + (os.getuid() == 0)"
         assert code_task.score(record, f"</think>```python\n{probe}\n```").reward == 1.0
+
+
+def test_parquet_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    path = tmp_path / "probs.parquet"
+    pq.write_table(pa.table({"question": ["What is 6 * 7?"], "answer": ["42"]}), str(path))
+    task = tasks.get("math", path=str(path))
+    assert task.score(task.sample(0, 0), "</think>\\boxed{42}").reward == 1.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("`pythonde f():\nreturn1+x")), max_size=60))
+def test_code_never_raises(text):
+    task = tasks.get("code")
+    result = task.score(task.sample(0, 0), "</think>" + text)
+    assert 0.0 <= result.reward <= 1.0 and "error" not in result.details, result.details

@@ -62,8 +62,10 @@ ATTACKS = {
     "infinite_loop": "while True:\n    pass",
     "sleep_forever": "import time\ntime.sleep(1000)",
     "memory_bomb": "blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))",
-    "huge_file": "with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'0' * (1 << 20))",
-    "print_gigabytes": "import sys\nchunk = 'x' * (1 << 20)\nwhile True:\n    sys.stdout.write(chunk)",
+    "huge_file": ("with open('big.bin', 'wb') as f:\n    while True:\n"
+                  "        f.write(b'0' * (1 << 20))"),
+    "print_gigabytes": ("import sys\nchunk = 'x' * (1 << 20)\nwhile True:\n"
+                        "    sys.stdout.write(chunk)"),
     "deep_recursion": "def f(n):\n    return f(n + 1)\nf(0)",
     "deep_recursion_unlimited": ("import sys\nsys.setrecursionlimit(10**8)\n"
                                  "def f(n):\n    return f(n + 1) + 1\nf(0)"),

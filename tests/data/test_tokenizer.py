@@ -58,7 +58,7 @@ def test_bad_template_rejected():
 
 @pytest.fixture(scope="module")
 def tiny_bpe_path(tmp_path_factory):
-    """A small byte-level BPE trained offline in the test (what a real tokenizer.json looks like)."""
+    """A small byte-level BPE trained offline in the test (the format of a real checkpoint's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))

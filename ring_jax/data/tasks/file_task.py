@@ -31,8 +31,8 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 @dataclasses.dataclass(frozen=True)
 class FileTask(Task):
     """Rows of a local file; ``sample(index, seed)`` takes row ``index % num_examples`` whatever
-    the seed (the pipeline shuffles by seed). Difficulty knob: ``levels`` keeps only rows whose ``level_key`` value is
-    listed (e.g. MATH levels), None keeps all."""
+    the seed (the pipeline shuffles by seed). Difficulty knob: ``levels`` keeps only rows whose
+    ``level_key`` value is listed (e.g. MATH levels), None keeps all."""
     path: str = ""
     levels: tuple[int, ...] | None = None
     level_key: str = "level"
