@@ -12,6 +12,10 @@ a host thread pool concurrently (the math checker is called with its signal-base
                                       / overlong_buffer, 0, 1)     (DAPO soft overlong penalty)
 
 so ``r`` lies in [-overlong_penalty, 1].
+
+``score_timeout_s`` runs the task's verifier in ``score_workers`` separate processes with a hard
+deadline (`ring_jax.data.isolated`), for verifiers that cannot be interrupted in a thread; the
+returned function then has a ``close()`` that stops them.
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ class RewardConfig:
     max_response_tokens: int | None = None
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    score_timeout_s: float | None = None
+    score_workers: int = 2
 
     def __post_init__(self):
         check_one_of("name", self.name, reward_names())
@@ -74,6 +80,10 @@ class RewardConfig:
         else:
             check(self.overlong_buffer == 0, "overlong_buffer", self.overlong_buffer,
                   "must be 0 unless max_response_tokens is set")
+        if self.score_timeout_s is not None:
+            check_float("score_timeout_s", self.score_timeout_s, min_value=0.0,
+                        min_exclusive=True)
+        check_int("score_workers", self.score_workers, min_value=1)
 
 
 def overlong_penalty(cfg: RewardConfig, num_tokens: int) -> float:
@@ -102,9 +112,27 @@ def decode_response(tokenizer, response_tokens: Sequence[int] | np.ndarray) -> t
     return tokenizer.decode(ids), len(ids)
 
 
+class _IsolatedTask:
+    """``task`` with ``score`` run by an `IsolatedScorer`; other attributes pass through."""
+
+    def __init__(self, task: Task, scorer):
+        self._task, self._scorer = task, scorer
+
+    def score(self, record, response_text: str) -> RewardResult:
+        return self._scorer.score(self._task, record, response_text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+
 def make_reward_fn(cfg: RewardConfig, task: Task, tokenizer
                    ) -> Callable[[Any, Sequence[int], str | None], tuple[float, dict]]:
     base_fn = _REWARD_FNS[cfg.name]
+    scorer = None
+    if cfg.score_timeout_s is not None:
+        from ring_jax.data.isolated import IsolatedScorer
+        scorer = IsolatedScorer(cfg.score_workers, cfg.score_timeout_s)
+        task = _IsolatedTask(task, scorer)
 
     def reward_fn(record: PromptRecord | Mapping[str, Any], response_tokens: Sequence[int],
                   finish_reason: str | None) -> tuple[float, dict]:
@@ -125,4 +153,5 @@ def make_reward_fn(cfg: RewardConfig, task: Task, tokenizer
                      "response_tokens": num_tokens, "finish_reason": finish_reason})
         return float(reward), info
 
+    reward_fn.close = scorer.close if scorer is not None else (lambda: None)
     return reward_fn

@@ -6,7 +6,8 @@ off (``parsing_timeout=None, timeout_seconds=None``). Without a timeout, a respo
 ``\\boxed{9^{9^{9}}}`` would make sympy compute a gigantic integer while holding the GIL and
 freeze the whole process; `looks_expensive` rejects such answers first (power towers, huge
 exponents, factorials/binomials of large numbers, very long answers). This guard is a
-heuristic: run untrusted-at-scale scoring in separate processes if that is not enough.
+heuristic (extended by fuzzing until no hang was found); for a hard guarantee also set
+``RewardConfig(score_timeout_s=...)``, which scores in killable worker processes.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class MathFileTask(FileTask):
     solution_key: str = "solution"
     instruction: str = " Put your final answer within \\boxed{}."
     max_response_chars: int = 4000
+    guard: bool = True  # reject answers `looks_expensive` flags (keep on unless isolated)
 
     name = "math"
     default_file = "math_sample.jsonl"
@@ -106,7 +108,7 @@ class MathFileTask(FileTask):
         else:
             extracted = extract_answer(region)
             candidate = _as_math(extracted) if extracted else ""
-        if not candidate or looks_expensive(candidate):
+        if not candidate or (self.guard and looks_expensive(candidate)):
             return {"answer_parsed": False, "correct": False,
                     "rejected": bool(candidate)}
         pred = parse(candidate, parsing_timeout=None)
