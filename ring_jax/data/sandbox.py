@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Iterable, Sequence
 
-from ring_jax.config import check, check_float, check_int, check_one_of
+from ring_jax.config import ConfigError, check, check_float, check_int, check_one_of
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 _UNSHARE = ("unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
@@ -117,6 +117,21 @@ def resolve_isolation(cfg: SandboxConfig) -> str:
     return "rlimits"
 
 
+def _world_executable(path: str) -> bool:
+    """Whether any uid can run ``path``: it and every directory above it are o+x."""
+    path = os.path.realpath(path)
+    while True:
+        try:
+            if not os.stat(path).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
 @functools.lru_cache(maxsize=None)
 def resolve_python(choice: str, isolation: str) -> str:
     """The program's interpreter. With namespaces it runs as an unprivileged uid, which may not
@@ -124,9 +139,13 @@ def resolve_python(choice: str, isolation: str) -> str:
     the first choice."""
     if choice != "auto":
         return choice
-    if isolation == "namespaces" and os.access("/usr/bin/python3", os.X_OK):
-        return "/usr/bin/python3"
-    return sys.executable
+    if isolation != "namespaces":
+        return sys.executable
+    for candidate in ("/usr/bin/python3", sys.executable):
+        if _world_executable(candidate):
+            return candidate
+    raise ConfigError("python='auto' found no interpreter an unprivileged uid may run "
+                      "(/usr/bin/python3 missing, this one is not o+x): set SandboxConfig.python")
 
 
 class _UidAllocator:

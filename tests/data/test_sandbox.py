@@ -212,6 +212,16 @@ def test_result_streams_and_exit_codes():
     assert not r.ok
 
 
+def test_interpreter_resolution(tmp_path):
+    from ring_jax.data.sandbox import _world_executable
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    (hidden / "python").write_text("")
+    os.chmod(hidden / "python", 0o755)
+    assert not _world_executable(str(hidden / "python"))  # a pyenv under /root looks like this
+    assert _world_executable("/bin/sh")
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="isolation"):
         SandboxConfig(isolation="docker")
