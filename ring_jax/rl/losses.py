@@ -131,7 +131,9 @@ class LossConfig:
       kl_coef, kl_estimator: penalty kl_coef · KL(π_θ ‖ π_ref) per token with Schulman's
         k1/k2/k3 estimator (needs ``logp_ref_BT``); 0 = off, as in the paper.
       entropy_coef: bonus −entropy_coef · H per token (needs ``entropy_BT``); 0 = off.
-      num_position_buckets: equal-width buckets of response position for the mismatch metrics.
+      num_position_buckets: equal-width buckets of response position (over max_response_len
+        or T) for the mismatch metrics, named ``mismatch/abs_logp_diff_mean/pos_{first}_{last}``
+        (the last one ``pos_{first}_end``).
       correction_params: (name, value) pairs for registered corrections that need their own
         hyper-parameters (read with `param`), so a fork needs no new config field.
     """
@@ -352,7 +354,7 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
     correction = get_correction(cfg.correction)(
         MismatchInputs(log_k_BT, logp_old_BT, logp_infer_BT, mask_BT), cfg)
     weight_BT = sg(jnp.where(on_BT, correction.weight_BT.astype(f32), 0.0))
-    keep_BT = correction.keep_BT | ~on_BT
+    keep_BT = correction.keep_BT.astype(bool) | ~on_BT
 
     # PPO ratio r = π(θ)/π(θ_old). Tokens that are masked (or padding) see log r = 0 through a
     # select, so their gradient is exactly zero even when their log r is extreme.

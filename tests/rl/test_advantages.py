@@ -103,3 +103,15 @@ def test_flat_layout_rejects_a_partial_group():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(config_lib.ConfigError, match=field):
         adv_lib.AdvantageConfig(**kwargs)
+
+
+def test_registered_estimator_is_usable_by_name():
+    name = "test_max_baseline"
+    if name not in adv_lib.available_estimators():
+        @adv_lib.register_estimator(name)
+        def max_baseline(rewards_NG, valid_NG, cfg):
+            del cfg
+            return (rewards_NG - rewards_NG.max(-1, keepdims=True)) * valid_NG
+    out = adv_lib.compute_advantages(REWARDS, adv_lib.AdvantageConfig(estimator=name))
+    np.testing.assert_allclose(np.asarray(out.advantages),
+                               [[0, -1, -1, 0], [0, 0, 0, 0], [-1, -1, -1, 0]])
