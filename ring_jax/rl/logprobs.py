@@ -5,16 +5,22 @@ entropy metrics and bonus) H = logsumexp(z) − Σ_v softmax(z)_v z_v, with z = 
 vocabulary (V = 157184) the float32 logits of one 4096-token sequence alone take 2.6 GB, and the
 backward pass of a naive implementation holds several such tensors.
 
-`token_logprobs_and_entropy` never materialises [B, T, V]: it scans over chunks of the sequence,
-computing [B, chunk, V] logits per step, and wraps each step in `jax.checkpoint` so the
-backward pass recomputes one chunk's logits at a time instead of saving all of them. Peak
-working memory is O(B · chunk · V) instead of O(B · T · V); the price is one extra logits
-matmul in the backward pass. The gradient equals the unchunked one (tests/rl/test_logprobs.py).
+`token_logprobs_and_entropy` never materialises [B, T, V]. Its forward pass scans over
+sequence chunks, computing [B, chunk, V] logits per step and keeping only per-token
+logsumexp and entropy. Its backward pass (a custom VJP, in the spirit of `jax.checkpoint` but
+finer) recomputes the logits one [B, chunk, S] block at a time, looping over sequence chunks
+and V slices, and accumulates dW in float32 in place, so it holds neither a chunk's full-V
+logits nor a per-chunk [D, V] partial gradient. Working memory is O(B · chunk · V) forward and
+O(D · V) float32 (the dW accumulator) + O(B · chunk · S) backward, instead of several
+O(B · T · V) tensors; the price is one extra logits matmul in the backward pass. Values and
+gradients equal the unchunked ones (tests/rl/test_logprobs.py); figures in
+experiments/BENCHMARKS.md ("Chunked log-probs").
 
-Sharding: the scan runs over sequence chunks, so a batch axis sharded over devices stays
-sharded (each device scans its own rows), and a vocabulary-sharded W works because the target
-logit is picked by compare-and-sum rather than a gather, so every V reduction is an ordinary
-sharded reduction.
+Sharding: the loops run over sequence chunks, so a batch axis sharded over devices stays
+sharded (each device loops over its own rows). The target logit is picked by compare-and-sum
+rather than a gather, so every V reduction is an ordinary sharded reduction; W replicated or
+sharded along D or V gives the single-device result (tests/multidevice/test_rl_sharded.py),
+though a V-sharded W makes the backward's V slices cross devices.
 """
 from __future__ import annotations
 

@@ -104,3 +104,19 @@ def test_chunked_gradient_never_holds_full_logits():
     # 16 chunks of 32 positions: a few [32, 2048] buffers, under half of one full logits copy.
     assert chunked < full_logits_bytes / 2, (chunked, naive)
     assert 8 * chunked < naive, (chunked, naive)
+
+
+def test_vmap_over_a_leading_axis_equals_loop():
+    hidden, w, targets = _inputs(rows=3)
+    fn = functools.partial(logprobs.token_logprobs_and_entropy, chunk_size=4, vocab_chunk_size=10)
+
+    def loss(h, t):  # per-row scalar through the custom VJP
+        logp, ent = fn(h[None], w, t[None])
+        return jnp.sum(logp) + jnp.sum(ent)
+
+    batched = jax.jit(jax.vmap(jax.value_and_grad(loss)))(hidden, targets)
+    for i in range(3):
+        value, grad = jax.value_and_grad(loss)(hidden[i], targets[i])
+        np.testing.assert_allclose(float(batched[0][i]), float(value), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(batched[1][i]), np.asarray(grad), rtol=1e-5,
+                                   atol=1e-6)
