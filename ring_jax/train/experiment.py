@@ -53,7 +53,8 @@ class TaskConfig:
 
     def __post_init__(self):
         from ring_jax.data import tasks  # the registry, imported lazily (it loads task modules)
-        config_lib.check_one_of("name", self.name, tasks.names())
+        config_lib.check(tasks.is_known(self.name), "name", self.name,
+                         f"must be one of {tasks.names()} or gym/<reasoning-gym dataset>")
         config_lib.check_int("num_prompts", self.num_prompts, min_value=1)
 
 
