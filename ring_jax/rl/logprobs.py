@@ -64,14 +64,6 @@ class _Static(NamedTuple):
     compute_entropy: bool
 
 
-def _vocab_slice(vocab: int, target: int) -> int:
-    """The largest divisor of V that is <= target, so the backward's V slices tile V exactly."""
-    for size in range(min(target, vocab), 0, -1):
-        if vocab % size == 0:
-            return size
-    return vocab
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _chunked(hidden_NBCD, w_DV, targets_NBC, static: _Static):
     return _chunked_fwd(hidden_NBCD, w_DV, targets_NBC, static)[0]
@@ -110,13 +102,17 @@ def _chunked_bwd(static: _Static, residuals, cotangents):
     mean_z_NBC = lse_NBC - entropy_NBC  # Σ_v p_v z_v per token
     dim, vocab = w_DV.shape
     width = static.vocab_slice
-    num_slices = vocab // width
+    num_slices = -(-vocab // width)
     compute_dtype = w_DV.dtype
 
     def step(index, carry):
         dhidden_NBCD, dw_DV = carry
         w_step_DV, index = jax.lax.optimization_barrier((w_DV, index))
-        i, start = index // num_slices, (index % num_slices) * width
+        i, nominal_start = index // num_slices, (index % num_slices) * width
+        # The last slice is shifted left to end at V; its columns already covered by the
+        # previous slice are masked out below, so any V works with a static slice width.
+        start = jnp.minimum(nominal_start, vocab - width)
+        fresh_S = start + jnp.arange(width) >= nominal_start
         hidden_BCD = hidden_NBCD[i]
         w_DS = jax.lax.dynamic_slice_in_dim(w_step_DV, start, width, axis=1)
         z_BCS = jnp.einsum("bcd,ds->bcs", hidden_BCD, w_DS,
@@ -127,6 +123,7 @@ def _chunked_bwd(static: _Static, residuals, cotangents):
         dz_BCS = (g_logp_NBC[i][..., None] * (onehot_BCS - p_BCS)
                   - g_entropy_NBC[i][..., None] * p_BCS
                   * (z_BCS - mean_z_NBC[i][..., None]))
+        dz_BCS = jnp.where(fresh_S, dz_BCS, 0.0)
         # Backward matmuls in W's dtype with float32 accumulation (usual mixed precision).
         dlogits_BCS = (dz_BCS / static.temperature).astype(compute_dtype)
         dhidden_BCD = jnp.einsum("bcs,ds->bcd", dlogits_BCS, w_DS,
@@ -160,8 +157,7 @@ def token_logprobs_and_entropy(hidden_BTD: jax.Array, w_DV: jax.Array, targets_B
       targets_BT: int token ids whose log-probs are wanted (the next tokens).
       chunk_size: sequence positions per step; forward working memory ~ a few
         B · chunk_size · V float32 buffers. T need not be a multiple (the tail is padded).
-      vocab_chunk_size: upper bound on the V slice of the backward pass (the largest divisor
-        of V not above it is used).
+      vocab_chunk_size: V columns per block in the backward pass (V need not be a multiple).
       temperature: τ of the sampler, so log-probs match the distribution sampled from.
       compute_entropy: also return per-token entropy (else None).
 
@@ -178,7 +174,7 @@ def token_logprobs_and_entropy(hidden_BTD: jax.Array, w_DV: jax.Array, targets_B
     # [N, B, C, ...]: scan over sequence chunks N; the batch axis keeps its sharding.
     hidden_NBCD = hidden_BTD.reshape(num_rows, num_chunks, chunk, -1).swapaxes(0, 1)
     targets_NBC = targets_BT.reshape(num_rows, num_chunks, chunk).swapaxes(0, 1)
-    static = _Static(_vocab_slice(w_DV.shape[1], vocab_chunk_size), float(temperature),
+    static = _Static(max(1, min(vocab_chunk_size, w_DV.shape[1])), float(temperature),
                      bool(compute_entropy))
     outputs = _chunked(hidden_NBCD, w_DV, targets_NBC, static)
 

@@ -48,7 +48,7 @@ def _naive(hidden, w, targets, temperature=1.0):
     return logprobs.logprobs_from_logits(logits, targets, temperature=temperature)
 
 
-# vocab_chunk_size 7 -> V=50 is split in 10 slices of 5 in the backward pass.
+# vocab_chunk_size 7 -> V=50 is covered by 8 backward slices of 7, the last one overlapping.
 @pytest.mark.parametrize("chunk_size,vocab_chunk_size", [(1, 50), (4, 7), (13, 7), (64, 64)])
 def test_chunked_equals_unchunked_values_and_gradients(chunk_size, vocab_chunk_size):
     hidden, w, targets = _inputs()
