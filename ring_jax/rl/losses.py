@@ -2,7 +2,7 @@
 
 The objective (Ring-1T eq. for IcePop; PAPER §1 "Objective"), per response token t of sequence i:
 
-    J = 1/G Σ_i 1/|y_i| Σ_t  c(k_{i,t}) · min(r_{i,t} Â_{i,t}, clip(r_{i,t}, 1-ε_low, 1+ε_high) Â_{i,t})
+    J = 1/G Σ_i 1/|y_i| Σ_t c(k_it) · min(r_it Â_it, clip(r_it, 1-ε_low, 1+ε_high) Â_it)
 
     r = π_train(θ) / π_train(θ_old)        the PPO ratio (has the gradient);
     k = π_train(θ_old) / π_infer(θ_old)    the engine-vs-engine ratio (a constant);

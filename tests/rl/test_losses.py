@@ -1,6 +1,5 @@
 """ring_jax.rl.losses: hand-computed cases, a numpy reference, reductions, micro-batching."""
 import dataclasses
-import functools
 import math
 
 import jax
