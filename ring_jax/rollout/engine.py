@@ -194,6 +194,10 @@ class Engine:
     def load_weights(self, variables: Any, version: int) -> None:
         """Installs trainer ``variables`` (cast/sharded on device) as policy ``version``.
 
+        ``variables`` is the model's full variable dict, {'params': ..., 'router': ...} as
+        `Transformer.init` returns it (the router's expert bias changes every train step, so it
+        is part of the sync). The conversion is one jitted program on device: no host copy.
+
         Requests in flight are re-prefilled under the new weights at the next `step` (their
         KV cache was computed by the old ones); their tokens so far keep their old versions.
         """
@@ -209,18 +213,25 @@ class Engine:
     @classmethod
     def from_model(cls, model_cfg: Any, variables: Any, config: EngineConfig,
                    precision: InferencePrecision = InferencePrecision(), *, version: int = 0,
-                   moe_impl: str = "ragged", mesh: Any = None) -> "Engine":
+                   moe_impl: str = "capacity", mesh: Any = None) -> "Engine":
         """An engine for a ring_jax `Transformer` under an inference precision policy.
 
         The engine's model is ``model_cfg`` with the policy's dtype (params, activations, KV
-        cache) and ``moe_impl`` (default ``ragged``: dropless, so a token's output never depends
-        on which other tokens share its batch, as a capacity-limited dispatch's would).
+        cache) and a dropless MoE dispatch: ``moe_impl="capacity"`` with capacity C = all tokens
+        of the call (capacity_factor ≥ E/K), or ``"ragged"``. A dispatch that can drop tokens
+        would make a token's output depend on which other tokens share its batch. (On CPU the
+        capacity path is ~8× faster at decode batch sizes than ragged_dot.)
         ``variables`` are trainer variables, converted by `precision.prepare_variables`. With a
         ``mesh`` (`ring_jax.sharding.make_mesh`), slots are split over the batch mesh axes and
         weights laid out by the logical-axis rules (experts over ``expert``).
         """
+        moe = {}
+        if model_cfg.is_moe:
+            dropless = model_cfg.num_experts / model_cfg.num_experts_per_tok
+            moe = dict(moe_impl=moe_impl,
+                       capacity_factor=max(model_cfg.capacity_factor, float(dropless)))
         cfg = dataclasses.replace(model_cfg, dtype=precision.dtype, param_dtype=precision.dtype,
-                                  **({"moe_impl": moe_impl} if model_cfg.is_moe else {}))
+                                  **moe)
         module = model_lib.Transformer(cfg)
         record = config.record_expert_ids and cfg.is_moe
 
