@@ -25,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = dict(preset="tiny", moe_impl="capacity")
-    c.task = dict(name="addition", kwargs=dict(min_size=2, max_size=2), num_prompts=100_000,
+    c.task = dict(name="addition", kwargs=dict(min_size=2, max_size=2, show_steps=False), num_prompts=100_000,
                   tokenizer="byte", thinking=True)
     c.sft = dict(seq_len=128, batch_size=16, num_steps=150, log_every=25)
     c.sft_optim = dict(learning_rate=3e-3, warmup_steps=20, clip_norm=1.0)

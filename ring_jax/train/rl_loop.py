@@ -111,7 +111,10 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     engine_kw = dict(precision=cfg.precision, version=start, moe_impl=cfg.engine_moe_impl,
                      mesh=mesh)
     engine = Engine.from_model(cfg.model, variables, cfg.engine, **engine_kw)
-    eval_engine = Engine.from_model(
+    # Between scheduler iterations the engine is idle (sync, c3po: unfinished responses wait in
+    # the scheduler's buffer), so evaluation reuses it and its compiled programs; in async mode
+    # the producer thread owns it, so evaluation gets its own.
+    eval_engine = engine if cfg.scheduler.mode != "async" else Engine.from_model(
         cfg.model, variables, dataclasses.replace(cfg.engine, record_expert_ids=False),
         **engine_kw)
     prompts = pipeline.prompt_iterator(pipeline.prompt_dataset(
