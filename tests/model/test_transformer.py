@@ -1,5 +1,7 @@
 """Full-sequence forward: packed segments, router replay, aux statistics, hidden output, dense
 and MTP variants."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,17 @@ def test_dense_and_mtp_variants(overrides):
         assert aux["mtp_logits"].shape == (2, 1, 6, cfg.vocab_size)
     else:
         assert aux["moe/load"].shape == (0, 0) and "router" not in variables
+
+
+def test_bfloat16_compute_close_to_float32(tiny):
+    cfg, _, tokens, variables, apply = tiny
+    logits, _ = apply(variables, tokens)
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables["params"])
+    logits16, aux16 = jax.jit(Transformer(cfg16).apply)(
+        {"params": params16, "router": variables["router"]}, tokens)
+    assert logits16.dtype == jnp.bfloat16
+    # bf16 has ~3 significant digits; a wrong cast (e.g. router in bf16 flipping experts
+    # everywhere, or a dropped norm) would move logits by O(1).
+    err = np.abs(np.asarray(logits16, np.float32) - np.asarray(logits))
+    assert err.max() < 0.1 * np.abs(np.asarray(logits)).max()

@@ -106,3 +106,24 @@ def test_logits_and_routing_match_transformers(name, tmp_path):
     cfg2, variables2 = hf.load(str(tmp_path / "bailing"), moe_impl="reference")
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, variables2, variables)
+
+
+@pytest.mark.parametrize("factor", [1.0, 4.0])
+def test_yarn_frequencies_match_transformers(factor):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ring_jax.model import ModelConfig
+    from ring_jax.model.layers import rope_frequencies
+
+    cfg = ModelConfig(head_dim=64, partial_rotary_factor=0.5, rope_theta=50000.0,
+                      rope_scaling_factor=factor, rope_original_max_position=256,
+                      max_position_embeddings=1024)
+    rope = {"rope_type": "yarn", "rope_theta": 50000.0, "partial_rotary_factor": 0.5,
+            "factor": factor, "original_max_position_embeddings": 256,
+            "beta_fast": 32.0, "beta_slow": 1.0}
+    hf_cfg = transformers.Glm4MoeConfig(head_dim=64, hidden_size=256, num_attention_heads=4,
+                                        max_position_embeddings=1024, rope_parameters=rope)
+    inv_freq, mscale = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+    ours, our_mscale = rope_frequencies(cfg)
+    np.testing.assert_allclose(np.asarray(ours), inv_freq.numpy(), rtol=1e-6)
+    assert our_mscale == pytest.approx(mscale)
