@@ -45,6 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval = dict(every=10, num_prompts=64, num_samples=4)
     c.checkpoint = dict(save_every=10, max_to_keep=2)
     c.mesh = dict(data=-1)
+    c.init_from = ""  # an SFT/RL workdir or a local HF checkpoint to start from
 
     if "sync" in args:
         c.scheduler.mode = "sync"

@@ -61,6 +61,39 @@ def _eval_records(cfg: experiment.ExperimentConfig, task, tokenizer) -> list[dic
     return [ds[i] for i in range(len(ds))]
 
 
+def _engine_mesh(mesh):
+    """The engine's devices. One process: the training mesh (co-located, PAPER §3 hybrid
+    runtime). Several processes: each process's local devices — every host runs the same engine
+    on the same inputs (the scheduler's decisions are functions of shared state), so all hosts
+    hold identical rollouts and the engine never reads arrays another host owns."""
+    if jax.process_count() == 1:
+        return mesh
+    return sharding.make_mesh(data=jax.local_device_count(), devices=jax.local_devices())
+
+
+def _to_engine(variables):
+    """Trainer variables as the engine takes them: unchanged on one process; gathered to host
+    (one full copy per process) when the training mesh spans processes."""
+    if jax.process_count() == 1:
+        return variables
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(variables, tiled=True)
+
+
+def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """The host batch (identical on every process) as global arrays split over the batch axes."""
+    out = {}
+    for k, v in batch.items():
+        sharding_v = sharding.batch_sharding(mesh, v.shape[0], v.ndim)
+        out[k] = jax.make_array_from_callback(v.shape, sharding_v, lambda idx, v=v: v[idx])
+    return out
+
+
+def _to_host(tree):
+    """Replicated (scalar) outputs of the train step as numpy, on every process."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def _init_state(cfg, model, tx, mesh, workdir: str) -> dict:
     """Fresh RL state placed on the mesh, with the policy from SFT / ``init_from`` if any."""
     tokens = jnp.zeros((1, cfg.scheduler.max_seq_len), jnp.int32)
@@ -107,9 +140,9 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
         restored = ckpt.restore(state)
         state, start, sched_state = restored.state, restored.step, restored.arrays
 
-    variables = {"params": state["params"], "router": state["router"]}
+    variables = _to_engine({"params": state["params"], "router": state["router"]})
     engine_kw = dict(precision=cfg.precision, version=start, moe_impl=cfg.engine_moe_impl,
-                     mesh=mesh)
+                     mesh=_engine_mesh(mesh))
     engine = Engine.from_model(cfg.model, variables, cfg.engine, **engine_kw)
     # Between scheduler iterations the engine is idle (sync, c3po: unfinished responses wait in
     # the scheduler's buffer), so evaluation reuses it and its compiled programs; in async mode
@@ -146,7 +179,6 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
         model, tx, cfg.rl.loss, num_minibatches=cfg.rl.num_minibatches,
         router_bias_rate=cfg.rl.router_bias_rate, router_replay=cfg.rl.router_replay,
         logprob_chunk=cfg.rl.logprob_chunk, optim_cfg=cfg.rl.optim))
-    batch_sharding = lambda x: sharding.batch_sharding(mesh, x.shape[0], x.ndim)
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start or None,
                                        total_steps=cfg.rl.num_steps, is_main=is_main,
                                        console_fields=CONSOLE_FIELDS)
@@ -165,12 +197,11 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
             t_rollout = time.perf_counter()
             # Train: θ_old log-probs, minibatched policy-loss updates, router-bias update.
             with sharding.use_mesh(mesh):
-                batch_dev = {k: jax.device_put(v, batch_sharding(v)) for k, v in batch.items()}
-                state, train_metrics = train_step(state, batch_dev)
-            train_metrics = jax.device_get(train_metrics)
+                state, train_metrics = train_step(state, _to_global(batch, mesh))
+            train_metrics = _to_host(train_metrics)
             t_train = time.perf_counter()
             # Weight sync: the scheduler installs version `step` at its next iteration boundary.
-            variables = {"params": state["params"], "router": state["router"]}
+            variables = _to_engine({"params": state["params"], "router": state["router"]})
             scheduler.update_weights(variables, step)
 
             metrics = {k: float(v) for k, v in train_metrics.items()}
