@@ -57,17 +57,10 @@ def _eval_shape_count(cfg):
 @pytest.mark.parametrize("name, overrides", [
     ("tiny", {}), ("small", {}), ("tiny", dict(num_mtp_layers=1)),
     ("tiny", dict(num_experts=0)), ("tiny", dict(use_qk_norm=False, num_shared_experts=2)),
-    ("ling_mini_2", {}),
+    ("ling_mini_2", {}), ("ling_flash_2", {}), ("ling_1t", {}),
 ])
 def test_param_count_matches_init_shapes(name, overrides):
     cfg = presets.get(name, **overrides)
-    assert presets.param_count(cfg)[0] == _eval_shape_count(cfg)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["ling_flash_2", "ling_1t"])
-def test_param_count_matches_init_shapes_large(name):
-    cfg = presets.get(name)
     assert presets.param_count(cfg)[0] == _eval_shape_count(cfg)
 
 
