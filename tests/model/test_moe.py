@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ring_jax.model import moe, presets
 from ring_jax.model import router as router_lib
@@ -77,3 +79,23 @@ def test_capacity_overflow_is_dropped_and_counted(inputs):
 def test_capacity_is_dropless_for_small_batches():
     cfg = presets.get("tiny", capacity_factor=1.0)
     assert moe.expert_capacity(8, cfg) == 8  # decode batches get one slot per token
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_slot_positions_property(num_assignments, capacity, seed):
+    """Per expert, the first `capacity` valid assignments in token order get slots 0..C-1;
+    the dropped count is Σ_e max(0, n_e − C)."""
+    rng = np.random.default_rng(seed)
+    E = 4
+    ids = rng.integers(0, E, num_assignments)
+    valid = rng.random(num_assignments) < 0.8
+    pos, kept = moe._slot_positions(jnp.asarray(ids), jnp.asarray(valid), E, capacity)
+    pos, kept = np.asarray(pos), np.asarray(kept)
+    for e in range(E):
+        mine = np.flatnonzero((ids == e) & valid)
+        np.testing.assert_array_equal(pos[mine], np.arange(len(mine)))
+        np.testing.assert_array_equal(kept[mine], np.arange(len(mine)) < capacity)
+    assert not kept[~valid].any()
+    counts = np.bincount(ids[valid], minlength=E)
+    assert int((valid & ~kept).sum()) == int(np.maximum(counts - capacity, 0).sum())
