@@ -51,7 +51,8 @@ def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
     """Slots per expert: capacity_factor × the balanced share X·K/E, at least `min_capacity`,
     at most X (a token picks an expert once, so C = X can never drop)."""
     balanced = num_tokens * cfg.num_experts_per_tok / cfg.num_experts
-    return max(1, min(num_tokens, max(cfg.min_capacity, math.ceil(cfg.capacity_factor * balanced))))
+    wanted = max(cfg.min_capacity, math.ceil(cfg.capacity_factor * balanced))
+    return max(1, min(num_tokens, wanted))
 
 
 def _slot_positions(ids_A, valid_A, num_experts, capacity):
@@ -131,6 +132,11 @@ def _ragged_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg,
     return y_XD, jnp.zeros((), jnp.float32)
 
 
+def _varying_axes(x) -> frozenset:
+    """Mesh axes along which `x` differs between shards inside shard_map (its type says)."""
+    return jax.typeof(x).manual_axis_type.varying
+
+
 def dispatch_experts(x_BTD, ids_BTK, weights_BTK, valid_BT, w_gate_EDF, w_up_EDF, w_down_EFD,
                      cfg: ModelConfig):
     """Routed-expert output [B, T, D] and the number of dropped (token, expert) assignments.
@@ -172,12 +178,12 @@ def dispatch_experts(x_BTD, ids_BTK, weights_BTK, valid_BT, w_gate_EDF, w_up_EDF
         y, dropped = local_fn(x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1),
                               valid.reshape(-1), wg, wu, wd, cfg, expert_axis, tensor_axis)
         # Sum the local counts over the shards that hold different tokens.
-        varying = tuple(a for a in mesh.axis_names if a in jax.typeof(dropped).manual_axis_type.varying)
+        varying = tuple(a for a in mesh.axis_names if a in _varying_axes(dropped))
         dropped = jax.lax.psum(dropped, varying) if varying else dropped
         # Tokens replicated over an axis (a batch too small to split) came back identical on
         # each of its shards but typed as varying there; pmean makes them one value.
         extra = tuple(a for a in mesh.axis_names
-                      if a in jax.typeof(y).manual_axis_type.varying and a not in batch_axes)
+                      if a in _varying_axes(y) and a not in batch_axes)
         y = jax.lax.pmean(y, extra) if extra else y
         return y.reshape(b, t, d), dropped
 
