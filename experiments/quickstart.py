@@ -19,12 +19,14 @@ Expected (2-core CPU): see README.md's quickstart section for the measured figur
 """
 import ml_collections
 
+from ring_jax.train.experiment import model_section
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = set(filter(None, arg.split(",")))
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dict(preset="tiny", moe_impl="capacity")
+    c.model = model_section("tiny", moe_impl="capacity")
     c.task = dict(name="addition", kwargs=dict(min_size=2, max_size=2, show_steps=False), num_prompts=100_000,
                   tokenizer="byte", thinking=True)
     c.sft = dict(seq_len=128, batch_size=16, num_steps=150, log_every=25)

@@ -223,6 +223,16 @@ def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
+def model_section(preset: str, **overrides) -> dict[str, Any]:
+    """A config file's ``model`` section: every `ModelConfig` field of ``preset`` (so any of them
+    can be overridden on the command line, ``--config.model.hidden_size=128``) plus the
+    preset's name, with ``overrides`` applied."""
+    if preset not in presets.PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is invalid: must be one of "
+                          f"{sorted(presets.PRESETS)}")
+    return {"preset": preset, **dataclasses.asdict(presets.get(preset)), **overrides}
+
+
 def from_config_dict(cd: Any) -> ExperimentConfig:
     """Validates an `ml_collections.ConfigDict` (or plain dict) into an `ExperimentConfig`."""
     values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
