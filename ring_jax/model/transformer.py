@@ -79,8 +79,11 @@ class Transformer(nn.Module):
       return_expert_ids: adds aux['expert_ids'] int32 [L_moe, B, T, K].
       return_hidden: return the final-normed hidden [B, T, D] instead of logits.
     aux: 'moe/load' [L_moe, E] tokens per expert; 'moe/z_loss', 'moe/seq_aux_loss' (means over
-    MoE layers); 'moe/dropped_frac' (capacity dispatch overflow); with MTP layers
-    'mtp_logits' [num_mtp, B, T, V] (layer j predicts the token at t + j + 2).
+    MoE layers); 'moe/dropped_frac' (capacity dispatch overflow); with MTP layers (training
+    forward only, skipped with a cache) 'mtp_logits' [num_mtp, B, T, V] (layer j predicts the
+    token at t + j + 2), and the MTP blocks (named layers_{L + j}) add their rows to
+    'moe/load' after the main layers' (L_moe + num_mtp rows, one per 'router' bias leaf);
+    'expert_ids' and forced ids cover the main layers only.
     """
 
     cfg: ModelConfig
@@ -125,10 +128,13 @@ class Transformer(nn.Module):
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
         h_BTD = RMSNorm(**norm, name="final_norm")(x_BTD)
         lm_head = LMHead(cfg, name="lm_head")
-        aux = self._aux(layer_stats, return_expert_ids)
-        if cfg.num_mtp_layers:
-            aux["mtp_logits"] = self._mtp(x_BTD, tokens_BT, embedding_VD, cos, sin, mask_BTS,
-                                          valid_BT, positions_BT, lm_head)
+        mtp_logits, mtp_stats = None, []
+        if cfg.num_mtp_layers and cache is None:  # MTP is a training head; decode skips it
+            mtp_logits, mtp_stats = self._mtp(x_BTD, tokens_BT, embedding_VD, cos, sin,
+                                              mask_BTS, valid_BT, positions_BT, lm_head)
+        aux = self._aux(layer_stats, mtp_stats, return_expert_ids)
+        if mtp_logits is not None:
+            aux["mtp_logits"] = mtp_logits
         out = h_BTD if return_hidden else lm_head(h_BTD)
         if cache is None:
             return out, aux
@@ -146,8 +152,10 @@ class Transformer(nn.Module):
             mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
         return jnp.broadcast_to(mask_BTS, (positions_BT.shape[0], T, T))
 
-    def _aux(self, layer_stats, return_expert_ids):
+    def _aux(self, layer_stats, mtp_stats, return_expert_ids):
         cfg = self.cfg
+        expert_ids = [s["expert_ids"] for s in layer_stats]
+        layer_stats = layer_stats + mtp_stats
         if not layer_stats:  # dense model
             aux = {"moe/load": jnp.zeros((0, cfg.num_experts), jnp.float32),
                    "moe/z_loss": jnp.zeros((), jnp.float32),
@@ -163,7 +171,7 @@ class Transformer(nn.Module):
                "moe/dropped_frac": stack("dropped").sum() / jnp.maximum(
                    stack("assignments").sum(), 1.0)}
         if return_expert_ids:
-            aux["expert_ids"] = stack("expert_ids")
+            aux["expert_ids"] = jnp.stack(expert_ids)
         return aux
 
     def _mtp(self, x_BTD, tokens_BT, embedding_VD, cos, sin, mask_BTS, valid_BT, positions_BT,
@@ -175,7 +183,7 @@ class Transformer(nn.Module):
         dt, pdt = cfg.compute_jnp_dtype, cfg.param_jnp_dtype
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
         D = cfg.hidden_size
-        logits, h_BTD = [], x_BTD
+        logits, stats, h_BTD = [], [], x_BTD
         for j in range(cfg.num_mtp_layers):
             # Token t + j + 1 (the last positions see token 0: their targets are out of range).
             next_BT = jnp.roll(tokens_BT, -(j + 1), axis=1)
@@ -185,11 +193,16 @@ class Transformer(nn.Module):
             w_proj = make_param(self, f"mtp_{j}_proj", (2 * D, D), ("mlp", "embed"), pdt,
                                 normal_init(cfg))
             h_BTD = jnp.concatenate([e_norm, h_norm], axis=-1) @ w_proj.astype(dt)
-            h_BTD, _, _ = Block(cfg, cfg.num_layers, name=f"mtp_{j}_block")(
+            # Named like the HF convention (model.layers.{L + j}), so router-bias bookkeeping
+            # that orders MoE layers by index sees MTP layers after the main ones.
+            layer = cfg.num_layers + j
+            h_BTD, _, layer_stats = Block(cfg, layer, name=f"layers_{layer}")(
                 h_BTD, cos, sin, mask_BTS, valid_BT, positions_BT, None, None)
+            if layer_stats is not None:
+                stats.append(layer_stats)
             out = RMSNorm(**norm, name=f"mtp_{j}_final_norm")(h_BTD)
             logits.append(lm_head(out))
-        return jnp.stack(logits)
+        return jnp.stack(logits), stats
 
 
 class LMHead(nn.Module):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ring_jax.model import Transformer, presets
+from ring_jax.model import Transformer, init_cache, presets
 from tests.model.conftest import random_variables
 
 
@@ -90,6 +90,15 @@ def test_dense_and_mtp_variants(overrides):
     assert logits.shape == (1, 6, cfg.vocab_size) and np.isfinite(np.asarray(logits)).all()
     if cfg.num_mtp_layers:
         assert aux["mtp_logits"].shape == (2, 1, 6, cfg.vocab_size)
+        # One load row per 'router' bias leaf: main MoE layers, then the MTP blocks.
+        assert aux["moe/load"].shape == (cfg.num_moe_layers + 2, cfg.num_experts)
+        assert len(jax.tree.leaves(variables["router"])) == cfg.num_moe_layers + 2
+        assert {"layers_2", "layers_3"} <= set(variables["params"])
+        # Decode (with a cache) skips the MTP head.
+        _, aux_decode, _ = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))(
+            variables, tokens, init_cache(cfg, 1, 8))
+        assert "mtp_logits" not in aux_decode
+        assert aux_decode["moe/load"].shape == (cfg.num_moe_layers, cfg.num_experts)
     else:
         assert aux["moe/load"].shape == (0, 0) and "router" not in variables
 
