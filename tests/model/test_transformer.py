@@ -33,18 +33,20 @@ def test_init_layout():
 
 def test_packed_segments_equal_separate_sequences(tiny):
     cfg, _, tokens, variables, apply = tiny
-    # Row 0 packs sequence a (5 tokens) and b (4 tokens) + 3 padding tokens.
+    # Row 0 packs sequence a (5 tokens) and b (4 tokens) + 3 padding tokens; rows 1 and 2 hold
+    # a and b alone (padded at the end, which causal attention never lets them see).
     a, b = tokens[0, :5], tokens[1, :4]
-    packed = jnp.concatenate([a, b, jnp.zeros(3, jnp.int32)])[None]
-    seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
-    pos = jnp.asarray([list(range(5)) + list(range(4)) + [0] * 3], jnp.int32)
-    logits, aux = apply(variables, packed, positions_BT=pos, segment_ids_BT=seg)
-    la, _ = apply(variables, a[None])
-    lb, _ = apply(variables, b[None])
-    np.testing.assert_allclose(np.asarray(logits[0, :5]), np.asarray(la[0]), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(logits[0, 5:9]), np.asarray(lb[0]), atol=1e-5)
-    # Padding is excluded from the expert load: 9 real tokens x K.
-    assert float(aux["moe/load"].sum()) == 9 * cfg.num_experts_per_tok
+    pad = lambda x: jnp.concatenate([x, jnp.zeros(12 - x.shape[0], jnp.int32)])
+    rows = jnp.stack([pad(jnp.concatenate([a, b])), pad(a), pad(b)])
+    seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 5 + [0] * 7, [1] * 4 + [0] * 8],
+                      jnp.int32)
+    pos = jnp.asarray([list(range(5)) + list(range(4)) + [0] * 3, list(range(12)),
+                       list(range(12))], jnp.int32)
+    logits, aux = apply(variables, rows, positions_BT=pos, segment_ids_BT=seg)
+    np.testing.assert_allclose(np.asarray(logits[0, :5]), np.asarray(logits[1, :5]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits[0, 5:9]), np.asarray(logits[2, :4]), atol=1e-5)
+    # Padding (segment 0) is excluded from the expert load: 2 x 9 real tokens x K.
+    assert float(aux["moe/load"].sum()) == 18 * cfg.num_experts_per_tok
 
 
 def test_router_replay(tiny):
