@@ -57,7 +57,7 @@ INVALID = [
     ({"scheduler.mode": "c3po++"}, "scheduler.mode='c3po++' is invalid: must be one of"),
     ({"scheduler.batch_size": 60}, "scheduler.batch_size=60 is invalid: must be a multiple"),
     ({"scheduler.max_seq_len": 512}, "scheduler.max_seq_len=512 is invalid: must be <= "
-                                     "engine.max_len=64"),
+                                     "engine.max_len=96"),
     ({"scheduler.sampling.temperature": 0.0}, "scheduler.sampling.temperature=0.0 is invalid"),
     ({"scheduler.sampling.top_p": 1.5}, "scheduler.sampling.top_p=1.5 is invalid"),
     ({"engine.num_slots": 0}, "engine.num_slots=0 is invalid: must be >= 1"),
