@@ -92,6 +92,8 @@ class _Slot:
         """The request with everything generated so far appended (a new object)."""
         r = self.request
         expert_ids = r.expert_ids
+        # Expert ids stay aligned with tokens: a request resumed without them (an engine that
+        # did not record) keeps none.
         if self.expert_ids and (expert_ids is not None or r.num_generated == 0):
             new = np.stack(self.expert_ids).astype(np.int32)
             expert_ids = new if expert_ids is None else np.concatenate([expert_ids, new])

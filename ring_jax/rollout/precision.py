@@ -53,12 +53,6 @@ def fake_quantize_fp8(w: jax.Array, reduce_axis: int) -> jax.Array:
     return (w_fp8.astype(jnp.float32) * scale).astype(w.dtype)
 
 
-def cast_floating(tree: Any, dtype: Any) -> Any:
-    """Casts every floating-point leaf of ``tree`` to ``dtype`` (integer leaves untouched)."""
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def _path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 

@@ -1,7 +1,6 @@
 """Mismatch probe: hand-checked bucketing and flips; ~0 for an fp32 engine, > 0 for bf16."""
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
