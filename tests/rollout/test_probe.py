@@ -7,6 +7,8 @@ import pytest
 
 from ring_jax.model import Transformer
 from ring_jax.rollout import probe, reference
+from ring_jax.rollout.engine import Engine
+from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.rollout.types import Request, SamplingParams
 
 
@@ -61,3 +63,20 @@ def test_engine_mismatch_is_zero_in_fp32_and_not_in_bf16(tiny_cfg, tiny_variable
         # router scores resolve differently (the MoE failure mode IcePop addresses).
         assert 1e-4 < report.abs_dlogp_mean < 0.1
         assert report.expert_flip_frac_by_layer.max() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [dict(fp8_expert_weights=True), dict(router_noise_std=0.3)],
+                         ids=["fp8-experts", "router-noise"])
+def test_deliberate_mismatch_knobs_show_up_in_the_probe(tiny_cfg, tiny_variables, fp32_engine,
+                                                        policy):
+    engine = Engine.from_model(tiny_cfg, tiny_variables, fp32_engine.config,
+                               InferencePrecision("float32", **policy))
+    rng = np.random.default_rng(0)
+    engine.add([Request(f"q{i}", rng.integers(0, 512, size=12).astype(np.int32),
+                        SamplingParams(max_new_tokens=32), seed=i) for i in range(4)])
+    trainer = reference.model_forward(Transformer(tiny_cfg), record_expert_ids=True)
+    report = probe.probe_mismatch(trainer, tiny_variables, engine.step().finished)
+    assert report.abs_dlogp_mean > 1e-4  # the unperturbed fp32 engine gives < 1e-6
+    if "router_noise_std" in policy:
+        assert report.expert_flip_frac_by_layer.max() > 0.05
