@@ -1,10 +1,13 @@
-"""Train-step throughput and MFU of the `small` preset per MoE dispatch implementation.
+"""Forward and train-step throughput and MFU of the `small` preset per MoE dispatch
+implementation.
 
-One jitted step = forward + backward + AdamW update on B×T tokens. Model FLOPs per token
+Forward = the jitted model forward (logits) on B×T tokens; one train step = forward +
+backward + AdamW update on the same tokens. Model FLOPs per token
 follow the PaLM convention: 6·(active matmul params, embedding lookup excluded) +
 12·L·H·Q·T (attention scores and values); MFU is those FLOPs per second over the FLOP rate of
 a square matmul of the same total FLOPs measured in the same run (the machine's practical
-peak, which moves with the load of a shared machine, so the ratio is the claim).
+peak), timed right before each measured call, so the load of a shared machine hits both alike.
+`--impls` entries are dispatch names, optionally with a capacity factor: `capacity:1.25`.
 
     .venv/bin/python experiments/benchmarks/model_step.py [--batch 8] [--seq 128]
 """
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import matmul_peak_flops, median_seconds  # noqa: E402
+from _timing import interleaved  # noqa: E402
 
 from ring_jax.model import Transformer, presets  # noqa: E402
 
@@ -51,7 +54,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--impls", default="reference,capacity,ragged")
+    parser.add_argument("--impls", default="reference,capacity,capacity:1.25,ragged")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -60,16 +63,17 @@ def main():
                                 base.vocab_size)
     num_tokens = args.batch * args.seq
     flops = model_flops_per_token(base, args.seq) * num_tokens
-    peak = matmul_peak_flops(flops, repeats=args.repeats)
     total, active = presets.param_count(base)
     print(f"jax {jax.__version__} {jax.devices()[0].platform}; small: {total / 1e6:.1f}M params, "
           f"{active / 1e6:.1f}M active; B={args.batch} T={args.seq}; "
           f"{flops / 1e9:.2f} GFLOP per step")
-    print(f"matmul peak (same FLOPs): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'impl':10s} {'step s':>8s} {'train tok/s':>12s} {'x ref':>6s} {'MFU vs peak':>12s}")
+    print(f"{'impl':15s} {'fwd tok/s':>10s} {'fwd MFU':>8s} {'step s':>8s} {'train tok/s':>12s} "
+          f"{'x ref':>6s} {'MFU':>6s} {'dropped':>8s}")
     ref_s = None
-    for impl in args.impls.split(","):
-        cfg = dataclasses.replace(base, moe_impl=impl)
+    for name in args.impls.split(","):
+        impl, _, factor = name.partition(":")
+        cfg = dataclasses.replace(base, moe_impl=impl,
+                                  capacity_factor=float(factor or base.capacity_factor))
         model = Transformer(cfg)
         variables = jax.jit(model.init)(jax.random.key(1), tokens[:, :-1])
         optimizer = optax.adamw(1e-4)
@@ -80,11 +84,15 @@ def main():
             state[0], state[1], loss = step(state[0], state[1], variables["router"], tokens)
             return loss
 
-        seconds = median_seconds(lambda: run(), repeats=args.repeats)
+        forward = jax.jit(lambda v, t: model.apply(v, t))
+        dropped = float(forward(variables, tokens[:, :-1])[1]["moe/dropped_frac"])
+        fwd_s, fwd_mfu = interleaved(lambda: forward(variables, tokens[:, :-1])[0], flops / 3,
+                                     args.repeats)
+        seconds, mfu = interleaved(run, flops, args.repeats)
         ref_s = ref_s or (seconds if impl == "reference" else None)
         speedup = f"{ref_s / seconds:6.2f}" if ref_s else "   n/a"
-        print(f"{impl:10s} {seconds:8.3f} {num_tokens / seconds:12.0f} {speedup} "
-              f"{flops / seconds / peak:12.1%}")
+        print(f"{name:15s} {num_tokens / fwd_s:10.0f} {fwd_mfu:8.1%} {seconds:8.3f} "
+              f"{num_tokens / seconds:12.0f} {speedup} {mfu:6.1%} {dropped:8.2%}")
 
 
 if __name__ == "__main__":
