@@ -6,7 +6,8 @@ One controller (this Python process; one per host in a multi-host run) drives SP
   SFT        Long-CoT SFT warm start on the task's worked solutions (`train/sft.py`), resumable
   restore    the latest RL checkpoint (one consistent cut: train state + scheduler state,
              including unfinished rollouts and the prompt-iterator position), else initialise
-             from the SFT stage / ``init_from`` / scratch
+             from the SFT stage / ``init_from`` (an SFT or RL workdir, or a local HF checkpoint
+             directory) / scratch
   loop       rollout → reward (the scheduler: engine + reward workers, complete groups only)
              → train (recompute log π_train(θ_old), minibatched policy-loss updates, router bias)
              → weight sync (published to the scheduler; the engine installs it at the next
@@ -31,7 +32,8 @@ import numpy as np
 from ring_jax import sharding
 from ring_jax.data import pipeline, rewards, tasks
 from ring_jax.data.tokenizer import get_tokenizer
-from ring_jax.model import Transformer
+from ring_jax.config import ConfigError
+from ring_jax.model import Transformer, hf
 from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine
 from ring_jax.scheduler import Scheduler
@@ -94,6 +96,22 @@ def _to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
+def _load_hf(path: str, model_cfg) -> dict:
+    """Variables of a local HF checkpoint (BailingMoeV2 / Glm4Moe); its architecture must be
+    the experiment's ``model`` (dtypes and the MoE dispatch may differ)."""
+    hf_cfg, variables = hf.load(path, param_dtype=model_cfg.param_dtype)
+    free = ("param_dtype", "dtype", "moe_impl", "capacity_factor", "min_capacity",
+            "num_mtp_layers", "initializer_range")
+    diff = {f.name: (getattr(hf_cfg, f.name), getattr(model_cfg, f.name))
+            for f in dataclasses.fields(model_cfg) if f.name not in free
+            and getattr(hf_cfg, f.name) != getattr(model_cfg, f.name)}
+    if diff:
+        raise ConfigError(f"init_from={path!r}: the checkpoint's architecture differs from "
+                          f"model: " + ", ".join(f"model.{k}={v[1]!r} but the checkpoint has "
+                                                 f"{v[0]!r}" for k, v in sorted(diff.items())))
+    return variables
+
+
 def _init_state(cfg, model, tx, mesh, workdir: str) -> dict:
     """Fresh RL state placed on the mesh, with the policy from SFT / ``init_from`` if any."""
     tokens = jnp.zeros((1, cfg.scheduler.max_seq_len), jnp.int32)
@@ -103,7 +121,10 @@ def _init_state(cfg, model, tx, mesh, workdir: str) -> dict:
         variables = jax.jit(model.init, out_shardings=var_shardings)(
             jax.random.key(cfg.seed), tokens)
         policy_dir = cfg.init_from or (os.path.join(workdir, "sft") if cfg.sft.num_steps else "")
-        if policy_dir:
+        if policy_dir and os.path.exists(os.path.join(policy_dir, "config.json")) and \
+                not os.path.isdir(os.path.join(policy_dir, "checkpoints")):
+            variables = jax.device_put(_load_hf(policy_dir, cfg.model), var_shardings)
+        elif policy_dir:
             variables = sft.load_policy(policy_dir, variables)
         params = variables["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params,
