@@ -19,7 +19,7 @@ Expected (2-core CPU): see README.md's quickstart section for the measured figur
 """
 import ml_collections
 
-from ring_jax.train.experiment import model_section
+from ring_jax.train.experiment import complete, model_section
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -61,4 +61,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.rl.num_minibatches = 1
         c.eval.update(every=2, num_prompts=4, num_samples=2)
         c.checkpoint.save_every = 1
-    return c
+    return complete(c)

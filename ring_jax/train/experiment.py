@@ -223,6 +223,38 @@ def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
+def _section_defaults(cls: type) -> dict[str, Any]:
+    """Every field of a config dataclass at its default (nested dataclasses as dicts)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        else:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _merge(base: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def complete(cd: Any) -> Any:
+    """A config file's ConfigDict with every field of every section present (at its default
+    where the file is silent), so any field can be overridden on the command line
+    (``--config.rl.loss.entropy_coef=0.01``). Config files return ``complete(c)``."""
+    import ml_collections
+    values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    full = _merge(_section_defaults(ExperimentConfig), values)
+    return ml_collections.ConfigDict(full)
+
+
 def model_section(preset: str, **overrides) -> dict[str, Any]:
     """A config file's ``model`` section: every `ModelConfig` field of ``preset`` (so any of them
     can be overridden on the command line, ``--config.model.hidden_size=128``) plus the

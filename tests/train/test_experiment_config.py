@@ -85,3 +85,18 @@ def test_mesh_resolve_takes_the_rest():
         "data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
     with pytest.raises(ConfigError, match="mesh.data"):
         experiment.MeshConfig(data=-1, expert=3).resolve(8)
+
+
+def test_every_field_can_be_overridden_from_the_command_line():
+    """Config files return `experiment.complete(c)`: every dataclass field is a key, so
+    `--config.<section>.<field>=...` works for all of them (ml_collections rejects new keys)."""
+    cd = _load_config_file("quickstart")
+
+    def check(cls, node, prefix):
+        for f in experiment.dataclasses.fields(cls):
+            assert f.name in node, f"{prefix}{f.name} missing from the config file's dict"
+            sub = experiment._dataclass_in(experiment.typing.get_type_hints(cls)[f.name])
+            if sub is not None:
+                check(sub, node[f.name], f"{prefix}{f.name}.")
+
+    check(experiment.ExperimentConfig, cd, "")
