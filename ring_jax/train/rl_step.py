@@ -87,9 +87,9 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
     def rl_train_step(state: RLState, batch: Batch):
         router = state["router"]
         # 1. log π_train(θ_old) on the whole batch: a constant of every minibatch update.
-        logp_old_BT, entropy_BT, aux_old = logprob_fn(state["params"], router, batch)
+        logp_old_BT, _, aux_old = logprob_fn(state["params"], router, batch)
         logp_old_BT = jax.lax.stop_gradient(logp_old_BT)
-        inputs = {"batch": dict(batch), "logp_old_BT": logp_old_BT, "entropy_BT": entropy_BT}
+        inputs = {"batch": dict(batch), "logp_old_BT": logp_old_BT}
         pieces = _split_rows(inputs, num_minibatches)
 
         # 2. One optimizer update per minibatch.
@@ -99,10 +99,11 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
             denominator = losses.loss_denominator(mb["loss_mask_BT"], loss_cfg)
 
             def loss_fn(p):
-                logp_BT, _, _ = logprob_fn(p, router, mb)
+                # The entropy has a gradient here: the optional entropy bonus acts on θ.
+                logp_BT, entropy_BT, _ = logprob_fn(p, router, mb)
                 terms = losses.policy_loss_terms(
                     logp_BT, piece["logp_old_BT"], mb["logp_infer_BT"], mb["advantages_B"],
-                    mb["loss_mask_BT"], loss_cfg, entropy_BT=piece["entropy_BT"])
+                    mb["loss_mask_BT"], loss_cfg, entropy_BT=entropy_BT)
                 return terms.loss_sum / jnp.maximum(denominator, 1.0), terms
 
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -147,3 +147,14 @@ def test_router_replay_of_own_routing_is_a_no_op(state):
     logp_c, _, _ = replay(state["params"], state["router"], {**batch,
                                                             "expert_ids_BTLK": shifted})
     assert float(jnp.abs(logp_c - logp_a).max()) > 1e-4
+
+
+def test_entropy_bonus_has_a_gradient_without_advantages(state):
+    """All-zero advantages leave only the entropy bonus: it must still move the parameters
+    (the entropy is computed at θ inside the loss, not taken from the θ_old forward)."""
+    cfg = dataclasses.replace(LOSS_CFG, entropy_coef=0.01)
+    fn = jax.jit(rl_step.make_rl_train_step(MODEL, TX, cfg, router_bias_rate=0.0))
+    batch = _batch()
+    batch["advantages_B"] = np.zeros((B,), np.float32)
+    _, metrics = fn(state, batch)
+    assert float(metrics["train/grad_norm"]) > 0
