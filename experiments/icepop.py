@@ -1,0 +1,159 @@
+"""Studies 2 and 3 of issue 7: stability of RL under a strong training-inference mismatch
+(none vs TIS vs IcePop vs KPop, plus router replay R3), and IcePop/KPop sensitivity.
+
+Reproduces, at toy scale, the IcePop blog's Figs 5-10 (PAPER §1): train reward, held-out
+accuracy, gradient norm, max and mean |log π_infer − log π_train|, the fraction of tokens masked
+above β / below α, and the entropy of masked tokens vs all tokens, per correction, mean ± std
+over seeds. Recipe: the quickstart's (tiny Ling-2.0 MoE, 2-digit addition with worked sums,
+SFT warm start then GRPO with C3PO++), with the mismatch widened on purpose:
+
+  * the engine runs in bf16 while the trainer recomputes in fp32 (the quickstart's baseline), and
+  * the engine's routed-expert weights are fp8 (e4m3) quantize-dequantized, and
+  * the engine's router logits get Gaussian noise of std ``noise`` (default 1.0, `InferencePrecision`),
+    which flips near-tied top-2 expert choices: the MoE failure mode IcePop targets.
+
+The level (fp8 + σ=1.0) was chosen so that the mismatch is an order of magnitude above bf16 alone
+(experiments/REPRODUCING.md, "Study 2", gives the measured |Δlog p| of each level) while the
+policy can still learn; see that section for whether "none" actually degrades here.
+
+Commands (a whole study, resumable; one SFT warm start per seed is shared by all its arms):
+
+    python experiments/sweep.py --config=experiments/icepop.py:local --study=stability \
+        --root=runs/icepop --figures=experiments/figures/stability
+    python experiments/sweep.py --config=experiments/icepop.py:local --study=sensitivity \
+        --root=runs/icepop --figures=experiments/figures/stability/sensitivity
+
+One run by hand:
+
+    python -m ring_jax.main --config=experiments/icepop.py:correction=tis,seed=1,local \
+        --workdir=runs/icepop/tis_s1
+
+Args (comma-separated after ':'):
+  correction=none|tis|icepop|kpop|seq_mask   the mismatch correction (default icepop)
+  seed=N                                      run seed (SFT data, sampling, held-out split)
+  alpha=A, beta=B, phi=F, cap=C               IcePop band, KPop bound, TIS cap
+  aggregation=seq_mean_token_mean|token_mean|seq_mean_token_sum_norm
+  r3                                          router replay: train with the engine's experts
+  noise=S, nofp8, fp32                        the mismatch knobs (fp32: engine in float32, no
+                                              noise, no fp8 — the matched-numerics control)
+  sft                                         SFT warm start only (rl.num_steps = 0)
+  local                                       the CPU size used for REPRODUCING.md (~1-2 min/run)
+  smoke                                       a tiny run for the end-to-end test (learns nothing)
+
+Without ``local``/``smoke`` the sizes are the quickstart's (a ~5 min run on 2 CPU cores); on real
+hardware, raise ``rl.num_steps`` and the model preset on the command line.
+Expected result and measured runtime: experiments/REPRODUCING.md, "Study 2" and "Study 3".
+"""
+import ml_collections
+
+from ring_jax.train.experiment import complete, model_section
+
+SEEDS = (0, 1, 2)
+# Study 2: the four corrections, then router replay alone and with IcePop.
+STABILITY_ARMS = {
+    "none": "correction=none",
+    "tis": "correction=tis",
+    "icepop": "correction=icepop",
+    "kpop": "correction=kpop",
+    "r3": "correction=none,r3",
+    "r3_icepop": "correction=icepop,r3",
+}
+# Study 3: the IcePop band, the KPop bound and the loss aggregation. ``losses.AGGREGATIONS``
+# all keep masked tokens in the denominator (PAPER §1); "removed from the denominator" is not an
+# option of ring_jax.rl.losses, so it is not an arm here (REPRODUCING.md says so).
+SENSITIVITY_ARMS = {
+    **{f"icepop_a{a}_b{b}": f"correction=icepop,alpha={a},beta={b}"
+       for a in (0.2, 0.5) for b in (2, 5, 10)},
+    **{f"kpop_phi{p}": f"correction=kpop,phi={p}" for p in (0.1, 0.5, 2)},
+    "icepop_token_mean": "correction=icepop,aggregation=token_mean",
+}
+
+
+def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
+    flags, values = set(), {}
+    for item in filter(None, arg.split(",")):
+        key, sep, value = item.partition("=")
+        if sep:
+            values[key] = value
+        else:
+            flags.add(key)
+    return flags, values
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    flags, values = _parse(arg)
+    known_flags = {"r3", "nofp8", "fp32", "sft", "local", "smoke"}
+    known_values = {"correction", "seed", "alpha", "beta", "phi", "cap", "aggregation", "noise"}
+    unknown = (flags - known_flags) | (set(values) - known_values)
+    if unknown:
+        raise ValueError(f"unknown args {sorted(unknown)}; flags: {sorted(known_flags)}, "
+                         f"key=value: {sorted(known_values)}")
+    c = ml_collections.ConfigDict()
+    c.seed = int(values.get("seed", 0))
+    c.model = model_section("tiny", moe_impl="capacity")
+    c.task = dict(name="addition", kwargs=dict(min_size=2, max_size=2, show_steps=True),
+                  num_prompts=100_000, tokenizer="byte", thinking=True)
+    c.sft = dict(seq_len=128, batch_size=16, num_steps=300, log_every=50)
+    c.sft_optim = dict(learning_rate=3e-3, warmup_steps=20, clip_norm=1.0)
+    c.rl = dict(num_steps=200, num_minibatches=2, router_bias_rate=1e-3, logprob_chunk=64,
+                router_replay="r3" in flags,
+                advantage=dict(estimator="grpo"),
+                loss=dict(correction=values.get("correction", "icepop"),
+                          alpha=float(values.get("alpha", 0.5)),
+                          beta=float(values.get("beta", 5.0)),
+                          kpop_phi=float(values.get("phi", 0.5)),
+                          tis_cap=float(values.get("cap", 2.0)),
+                          eps_low=0.2, eps_high=0.28,
+                          aggregation=values.get("aggregation", "seq_mean_token_mean")),
+                optim=dict(learning_rate=1e-4, warmup_steps=5, clip_norm=1.0))
+    c.scheduler = dict(mode="c3po", group_size=8, batch_size=64, max_seq_len=96,
+                       token_budget=512, sigma_max=2, max_active_requests=96,
+                       step_chunk_tokens=256, num_reward_workers=2,
+                       sampling=dict(temperature=1.0, max_new_tokens=40))
+    c.engine = dict(num_slots=32, max_len=96, decode_chunk=8, record_expert_ids="r3" in flags)
+    c.engine_moe_impl = "capacity"
+    # The mismatch knobs (module docstring).
+    if "fp32" in flags:
+        c.precision = dict(dtype="float32", fp8_expert_weights=False, router_noise_std=0.0)
+    else:
+        c.precision = dict(dtype="bfloat16", fp8_expert_weights="nofp8" not in flags,
+                           router_noise_std=float(values.get("noise", 1.0)))
+    c.reward = dict(name="task")
+    c.eval = dict(every=25, num_prompts=64, num_samples=4)
+    c.checkpoint = dict(save_every=25, max_to_keep=1)
+    c.mesh = dict(data=-1)
+    c.init_from = ""  # sweep.py points this at the seed's SFT workdir (and sets sft.num_steps=0)
+
+    if "local" in flags:
+        # ~1-2 min per RL arm on 2 CPU cores: fewer, smaller steps, a lighter evaluation.
+        c.rl.num_steps = 40
+        c.rl.optim.learning_rate = 2e-4
+        c.scheduler.update(batch_size=32, token_budget=384, max_active_requests=64)
+        c.eval.update(every=10, num_prompts=48, num_samples=2)
+        c.checkpoint.save_every = 20
+    if "smoke" in flags:
+        c.sft.num_steps, c.rl.num_steps = 4, 3
+        c.scheduler.update(group_size=4, batch_size=8, token_budget=64, max_active_requests=16)
+        c.scheduler.sampling.max_new_tokens = 16
+        c.rl.num_minibatches = 1
+        c.eval.update(every=2, num_prompts=4, num_samples=2)
+        c.checkpoint.save_every = 1
+    if "sft" in flags:
+        c.rl.num_steps = 0
+    return complete(c)
+
+
+def get_sweep(arg: str = "") -> list[dict]:
+    """The runs of both studies at size ``arg`` (e.g. "local", "smoke"): one SFT warm start per
+    seed, then every arm × seed initialised from it. Each run is
+    {"name", "arg", "study" ("sft" | "stability" | "sensitivity"), "label", "init" (the name of
+    the run whose workdir is the arm's ``init_from``, or None)}."""
+    size = "," + arg if arg else ""
+    runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
+                 init=None) for s in SEEDS]
+    for study, arms in (("stability", STABILITY_ARMS), ("sensitivity", SENSITIVITY_ARMS)):
+        for s in SEEDS:
+            for label, arm in arms.items():
+                runs.append(dict(name=f"{label}_s{s}", arg=f"{arm},seed={s}{size}", study=study,
+                                 label=label, init=f"sft_s{s}"))
+    return runs

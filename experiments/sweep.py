@@ -1,0 +1,136 @@
+"""Runs a config's ``get_sweep()`` one run after another, then draws each study's figures.
+
+    python experiments/sweep.py --config=experiments/icepop.py:local --study=stability \
+        --root=runs/icepop --figures=experiments/figures/stability
+
+``--config=FILE:SIZE``: FILE's ``get_sweep(SIZE)`` lists the runs (dicts with "name", "arg",
+"study", "label" and "init", see experiments/icepop.py). Each selected run is
+
+    python -m ring_jax.main --config=FILE:<arg> --workdir=<root>/<name>
+        [--config.init_from=<root>/<init>/sft --config.sft.num_steps=0]
+
+in a subprocess, in order; a run whose ``init`` (its SFT warm start) is listed runs after it.
+A run that finished is marked by ``<workdir>/SWEEP_DONE`` and skipped, so rerunning the command
+resumes the sweep (a killed run resumes from its own last checkpoint). ``--study`` selects one
+study (its SFT warm starts come along), ``--seeds`` a subset of seeds (``--seeds=0,1``),
+``--arms`` a subset of labels. After the runs, `experiments/plot.py` draws each study's arms (one
+label per arm, its seeds as mean ± std) into ``<figures>/<study>/`` (curves_vs_step.png,
+curves_vs_time.png, summary.md).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plot  # noqa: E402  (experiments/plot.py, beside this file)
+
+DONE_MARKER = "SWEEP_DONE"
+# The curves of issue 7's study 2 (metric names from ring_jax.rl.losses.finalize_metrics).
+STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "train/grad_norm",
+                 "mismatch/abs_logp_diff_max", "mismatch/abs_logp_diff_mean",
+                 "mismatch/masked_frac_above", "mismatch/masked_frac_below",
+                 "rl/entropy_all_tokens", "rl/entropy_masked_tokens")
+
+
+def load_sweep(config: str) -> tuple[str, list[dict]]:
+    """'FILE:SIZE' -> (FILE, FILE's get_sweep(SIZE))."""
+    path, _, size = config.partition(":")
+    spec = importlib.util.spec_from_file_location("_sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module.get_sweep(size)
+
+
+def select(runs: list[dict], study: str = "", seeds: Sequence[int] = (),
+           arms: Sequence[str] = ()) -> list[dict]:
+    """The runs of ``study`` (all if empty) restricted to ``seeds``/``arms`` labels, plus the SFT
+    runs they initialise from, SFT runs first."""
+    def seed_of(run):
+        return int(run["name"].rsplit("_s", 1)[1])
+    chosen = [r for r in runs if r["study"] != "sft" and (not study or r["study"] == study)
+              and (not seeds or seed_of(r) in seeds) and (not arms or r["label"] in arms)]
+    needed = {r["init"] for r in chosen if r["init"]}
+    return [r for r in runs if r["name"] in needed] + chosen
+
+
+def command(config_path: str, run: dict, root: str, python: str = sys.executable) -> list[str]:
+    cmd = [python, "-m", "ring_jax.main", f"--config={config_path}:{run['arg']}",
+           f"--workdir={os.path.join(root, run['name'])}"]
+    if run["init"]:
+        cmd += [f"--config.init_from={os.path.join(root, run['init'], 'sft')}",
+                "--config.sft.num_steps=0"]
+    return cmd
+
+
+def run_all(config_path: str, runs: list[dict], root: str) -> dict[str, float]:
+    """Runs each unfinished run; returns {name: seconds} of those run now. A failed run stops
+    the sweep (its log is <root>/<name>.log)."""
+    os.makedirs(root, exist_ok=True)
+    times = {}
+    for i, run in enumerate(runs):
+        workdir = os.path.join(root, run["name"])
+        if os.path.exists(os.path.join(workdir, DONE_MARKER)):
+            print(f"[{i + 1}/{len(runs)}] {run['name']}: done, skipped", flush=True)
+            continue
+        cmd = command(config_path, run, root)
+        print(f"[{i + 1}/{len(runs)}] {run['name']}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        with open(os.path.join(root, run["name"] + ".log"), "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc:
+            raise SystemExit(f"{run['name']} failed (exit {rc}); see "
+                             f"{os.path.join(root, run['name'] + '.log')}")
+        times[run["name"]] = time.perf_counter() - t0
+        with open(os.path.join(workdir, DONE_MARKER), "w") as f:
+            f.write(f"{times[run['name']]:.1f} s\n")
+        print(f"    {times[run['name']]:.0f} s", flush=True)
+    return times
+
+
+def plot_studies(runs: list[dict], root: str, figures: str,
+                 metrics: Sequence[str] = STUDY_METRICS, window: int = 1) -> list[str]:
+    """One figure set per study under <figures>/<study>/; returns the summary.md paths."""
+    summaries = []
+    for study in dict.fromkeys(r["study"] for r in runs if r["study"] != "sft"):
+        groups: dict[str, list[str]] = {}
+        for r in runs:
+            workdir = os.path.join(root, r["name"])
+            if r["study"] == study and os.path.exists(os.path.join(workdir, DONE_MARKER)):
+                groups.setdefault(r["label"], []).append(workdir)
+        if groups:
+            paths = plot.plot_groups(groups, os.path.join(figures, study), metrics, window)
+            summaries.append(paths["summary"])
+    return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="FILE:SIZE, e.g. experiments/icepop.py:local")
+    parser.add_argument("--root", required=True, help="directory of the run workdirs")
+    parser.add_argument("--figures", required=True, help="directory for the figures")
+    parser.add_argument("--study", default="", help="one study (default: all)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds (default: all)")
+    parser.add_argument("--arms", default="", help="comma-separated arm labels (default: all)")
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
+    parser.add_argument("--plot_only", action="store_true", help="only draw the figures")
+    args = parser.parse_args(argv)
+    config_path, runs = load_sweep(args.config)
+    runs = select(runs, args.study, [int(s) for s in args.seeds.split(",") if s],
+                  [a for a in args.arms.split(",") if a])
+    if not args.plot_only:
+        t0 = time.perf_counter()
+        run_all(config_path, runs, args.root)
+        print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
+    for summary in plot_studies(runs, args.root, args.figures, window=args.smooth):
+        print(f"{summary}:\n{open(summary).read()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
