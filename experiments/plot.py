@@ -15,7 +15,6 @@ each metric per label, mean ± std over seeds), and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -25,20 +24,18 @@ from typing import Sequence
 
 import numpy as np
 
+from ring_jax.train import metrics as metrics_lib
+
 DEFAULT_PREFIXES = ("eval/", "rl/", "mismatch/", "train/", "sft/", "sched/", "perf/")
 _SEED_SUFFIX = re.compile(r"[_-](s|seed)[=_-]?\d+$")
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of workdir/metrics.jsonl (a torn last line is skipped)."""
-    records = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no metrics.jsonl in {workdir}")
+    return metrics_lib.read_jsonl(path)
 
 
 def default_label(workdir: str) -> str:
