@@ -1,0 +1,100 @@
+"""experiments/mismatch_anatomy.py (issue 7, study 1): the matched dense model (fast) and the
+whole study at its tiny size into tmp_path, including the RL-trained-vs-start arm on a small
+hand-made workdir (slow)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ring_jax.model import Transformer, presets
+from ring_jax.train import checkpoint as checkpoint_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "experiments", "mismatch_anatomy.py")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_mismatch_anatomy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("size", ["local", "tiny"])
+def test_dense_model_matches_the_moe_active_parameter_count(size):
+    ma = _load()
+    moe = ma.get_config(size).moe
+    dense = ma.matched_dense(moe)
+    assert not dense.is_moe and moe.is_moe
+    assert dense.num_layers == moe.num_layers and dense.hidden_size == moe.hidden_size
+    target = presets.param_count(moe)[1]
+    got = presets.param_count(dense)[1]
+    per_width = presets.param_count(dataclasses.replace(
+        dense, intermediate_size=dense.intermediate_size + 1))[1] - got
+    # The closest width: one unit more or less would be at least as far from the target.
+    assert abs(got - target) <= per_width / 2
+    assert per_width == 3 * moe.hidden_size * moe.num_layers
+
+
+def _fake_rl_workdir(path: str, cfg) -> None:
+    """config.json + an SFT start and a different 'trained' policy, as an RL workdir has."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(cfg),
+                   "task": {"name": "addition", "kwargs": {"min_size": 2, "max_size": 2}}}, f)
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(0), np.zeros((1, 8), np.int32))
+    trained = jax.tree.map(lambda w: w * 1.5, variables["params"])
+    cfg_ckpt = checkpoint_lib.CheckpointConfig(async_save=False)
+    for sub, params in (("sft", variables["params"]), ("", trained)):
+        with checkpoint_lib.Checkpointer(os.path.join(path, sub, "checkpoints"), cfg_ckpt) as c:
+            c.save(1, state={"params": params, "router": variables["router"]})
+
+
+def _finite_numbers(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _finite_numbers(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _finite_numbers(v)
+    elif isinstance(tree, float):
+        yield tree
+
+
+@pytest.mark.slow
+def test_tiny_study_writes_finite_results_and_figures(tmp_path):
+    ma = _load()
+    study = ma.get_config("tiny")
+    workdir = str(tmp_path / "rl")
+    _fake_rl_workdir(workdir, presets.get("tiny"))
+    out = str(tmp_path / "out")
+    results = ma.run_study(study, out, str(tmp_path / "work"), trained_workdir=workdir)
+
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    for name in ("fig1_abs_dlogp_hist.png", "fig2_position.png", "fig3_flips_vs_depth.png",
+                 "fig4_training.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000, name
+    arms = results["arms"]
+    assert set(arms) == {"moe/fp32", "moe/bf16", "moe/fp8", "dense/fp32", "dense/bf16",
+                         "rl_start/bf16", "rl_start/fp8", "rl_trained/bf16", "rl_trained/fp8"}
+    assert all(math.isfinite(x) for x in _finite_numbers(results))
+    for key, arm in arms.items():
+        assert arm["tokens"] == sum(b["tokens"] for b in arm["by_position"]), key
+        assert 0 <= arm["abs_dlogp_mean"] <= arm["abs_dlogp_max"], key
+    # MoE arms report one flip fraction per MoE layer; dense arms none.
+    assert len(arms["moe/bf16"]["expert_flip_frac_by_layer"]) == study.moe.num_moe_layers
+    assert "expert_flip_frac_by_layer" not in arms["dense/bf16"]
+    # The fp32 engine is the control: the same numerics as the trainer up to reduction order.
+    assert arms["moe/fp32"]["abs_dlogp_max"] < 1e-4
+    assert arms["moe/fp32"]["expert_flip_frac"] == 0.0
+    assert arms["moe/bf16"]["abs_dlogp_mean"] > 10 * arms["moe/fp32"]["abs_dlogp_mean"]
