@@ -9,8 +9,9 @@ SFT warm start then GRPO with C3PO++), with the mismatch widened on purpose:
 
   * the engine runs in bf16 while the trainer recomputes in fp32 (the quickstart's baseline), and
   * the engine's routed-expert weights are fp8 (e4m3) quantize-dequantized, and
-  * the engine's router logits get Gaussian noise of std ``noise`` (default 1.0, `InferencePrecision`),
-    which flips near-tied top-2 expert choices: the MoE failure mode IcePop targets.
+  * the engine's router logits get Gaussian noise of std ``noise`` (default 1.0,
+    `InferencePrecision`), which flips near-tied top-2 expert choices: the MoE failure mode
+    IcePop targets.
 
 The level (fp8 + σ=1.0) was chosen so that the mismatch is an order of magnitude above bf16 alone
 (experiments/REPRODUCING.md, "Study 2", gives the measured |Δlog p| of each level) while the
@@ -66,6 +67,12 @@ SENSITIVITY_ARMS = {
        for a in (0.2, 0.5) for b in (2, 5, 10)},
     **{f"kpop_phi{p}": f"correction=kpop,phi={p}" for p in (0.1, 0.5, 2)},
     "icepop_token_mean": "correction=icepop,aggregation=token_mean",
+}
+# The mismatch level, measured with no correction (seed 0): bf16 alone, the chosen fp8 + σ=1,
+# and a stronger σ=2.
+CALIBRATION_ARMS = {
+    "none_bf16": "correction=none,nofp8,noise=0",
+    "none_noise2": "correction=none,noise=2",
 }
 
 
@@ -145,9 +152,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "") -> list[dict]:
     """The runs of both studies at size ``arg`` (e.g. "local", "smoke"): one SFT warm start per
-    seed, then every arm × seed initialised from it. Each run is
-    {"name", "arg", "study" ("sft" | "stability" | "sensitivity"), "label", "init" (the name of
-    the run whose workdir is the arm's ``init_from``, or None)}."""
+    seed, then every arm × seed initialised from it, and the seed-0 calibration arms. Each run is
+    {"name", "arg", "study" ("sft" | "stability" | "sensitivity" | "calibration"), "label",
+    "init" (the name of the run whose workdir is the arm's ``init_from``, or None)}."""
     size = "," + arg if arg else ""
     runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
                  init=None) for s in SEEDS]
@@ -156,4 +163,7 @@ def get_sweep(arg: str = "") -> list[dict]:
             for label, arm in arms.items():
                 runs.append(dict(name=f"{label}_s{s}", arg=f"{arm},seed={s}{size}", study=study,
                                  label=label, init=f"sft_s{s}"))
+    for label, arm in CALIBRATION_ARMS.items():
+        runs.append(dict(name=f"{label}_s0", arg=f"{arm},seed=0{size}", study="calibration",
+                         label=label, init="sft_s0"))
     return runs

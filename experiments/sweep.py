@@ -111,7 +111,8 @@ def plot_studies(runs: list[dict], root: str, figures: str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="FILE:SIZE, e.g. experiments/icepop.py:local")
+    parser.add_argument("--config", required=True,
+                        help="FILE:SIZE, e.g. experiments/icepop.py:local")
     parser.add_argument("--root", required=True, help="directory of the run workdirs")
     parser.add_argument("--figures", required=True, help="directory for the figures")
     parser.add_argument("--study", default="", help="one study (default: all)")

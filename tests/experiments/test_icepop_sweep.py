@@ -66,7 +66,8 @@ def test_one_tiny_arm_runs_through_the_sweep(tmp_path):
             "--seeds=0", "--arms=icepop", f"--root={root}", f"--figures={figures}"]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (root / "sft_s0" / "SWEEP_DONE").exists() and (root / "icepop_s0" / "SWEEP_DONE").exists()
+    for name in ("sft_s0", "icepop_s0"):
+        assert (root / name / "SWEEP_DONE").exists()
     records = [json.loads(line) for line in open(root / "icepop_s0" / "metrics.jsonl")]
     assert max(r["step"] for r in records) == 3
     assert any("mismatch/masked_frac_above" in r for r in records)
