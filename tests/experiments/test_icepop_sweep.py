@@ -40,7 +40,10 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs():
     # Every run's config validates, and the arm's knobs reach the loss / precision.
     for r in runs:
         cfg = experiment.from_config_dict(icepop.get_config(r["arg"]))
-        assert cfg.precision.fp8_expert_weights and cfg.precision.router_noise_std == 1.0
+        if r["study"] != "calibration":
+            assert cfg.precision.fp8_expert_weights and cfg.precision.router_noise_std == 1.0
+    bf16 = experiment.from_config_dict(icepop.get_config("correction=none,nofp8,noise=0"))
+    assert not bf16.precision.fp8_expert_weights and bf16.precision.router_noise_std == 0.0
     cfg = experiment.from_config_dict(icepop.get_config("correction=icepop,alpha=0.2,beta=10"))
     assert (cfg.rl.loss.alpha, cfg.rl.loss.beta) == (0.2, 10.0)
     cfg = experiment.from_config_dict(icepop.get_config("correction=kpop,phi=2,r3"))
