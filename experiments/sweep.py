@@ -15,7 +15,8 @@ resumes the sweep (a killed run resumes from its own last checkpoint). ``--study
 study (its SFT warm starts come along), ``--seeds`` a subset of seeds (``--seeds=0,1``),
 ``--arms`` a subset of labels. After the runs, `experiments/plot.py` draws each study's arms (one
 label per arm, its seeds as mean ± std) into ``<figures>/<study>/`` (curves_vs_step.png,
-curves_vs_time.png, summary.md).
+curves_vs_time.png, summary.md) and writes ``table.md`` there: per arm, held-out pass@1 before
+and after RL and each curve's mean over the last ``--last`` steps, mean ± std over seeds.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np  # noqa: E402
 import plot  # noqa: E402  (experiments/plot.py, beside this file)
 
 DONE_MARKER = "SWEEP_DONE"
@@ -93,9 +95,47 @@ def run_all(config_path: str, runs: list[dict], root: str) -> dict[str, float]:
     return times
 
 
+def final_table(groups: dict[str, list[str]], last: int = 10,
+                metrics: Sequence[str] = STUDY_METRICS) -> str:
+    """Markdown table: per label, eval/pass@1 at the first and last evaluation and each other
+    metric averaged over each seed's last ``last`` steps (a per-step curve is noisy), then
+    mean ± std over seeds. A metric a run never logged (e.g. the masked-token entropy of an arm
+    that masks nothing) is "–"."""
+    curves = [m for m in metrics if m != "eval/pass@1"]
+    header = ["arm", "seeds", "pass@1 before RL", "pass@1 after RL"] + [
+        f"{m} (last {last})" for m in curves]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, workdirs in groups.items():
+        per_seed: dict[str, list[float]] = {}
+        for workdir in workdirs:
+            records = plot.read_metrics(workdir)
+            _, evals = plot.series(records, "eval/pass@1")
+            if len(evals):
+                per_seed.setdefault("before", []).append(evals[0])
+                per_seed.setdefault("after", []).append(evals[-1])
+            final_step = max(r.get("step", 0) for r in records)
+            for metric in curves:
+                steps, values = plot.series(records, metric)
+                tail = values[steps > final_step - last]
+                if len(tail):
+                    per_seed.setdefault(metric, []).append(float(np.mean(tail)))
+        cells = []
+        for key in ["before", "after"] + curves:
+            values = per_seed.get(key, [])
+            if not values:
+                cells.append("–")
+            else:
+                digits = 4 if "masked_frac" in key else 3
+                cells.append(f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+                             if len(values) > 1 else f"{values[0]:.{digits}f}")
+        lines.append(f"| {label} | {len(workdirs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_studies(runs: list[dict], root: str, figures: str,
                  metrics: Sequence[str] = STUDY_METRICS, window: int = 1) -> list[str]:
-    """One figure set per study under <figures>/<study>/; returns the summary.md paths."""
+    """One figure set and table.md per study under <figures>/<study>/; returns the table.md
+    paths."""
     summaries = []
     for study in dict.fromkeys(r["study"] for r in runs if r["study"] != "sft"):
         groups: dict[str, list[str]] = {}
@@ -104,8 +144,11 @@ def plot_studies(runs: list[dict], root: str, figures: str,
             if r["study"] == study and os.path.exists(os.path.join(workdir, DONE_MARKER)):
                 groups.setdefault(r["label"], []).append(workdir)
         if groups:
-            paths = plot.plot_groups(groups, os.path.join(figures, study), metrics, window)
-            summaries.append(paths["summary"])
+            out_dir = os.path.join(figures, study)
+            plot.plot_groups(groups, out_dir, metrics, window)
+            summaries.append(os.path.join(out_dir, "table.md"))
+            with open(summaries[-1], "w") as f:
+                f.write(final_table(groups, metrics=metrics))
     return summaries
 
 

@@ -78,6 +78,8 @@ def test_one_tiny_arm_runs_through_the_sweep(tmp_path):
     assert config["init_from"] == str(root / "sft_s0" / "sft") and config["sft"]["num_steps"] == 0
     assert (figures / "stability" / "curves_vs_step.png").exists()
     assert "icepop" in (figures / "stability" / "summary.md").read_text()
+    table = (figures / "stability" / "table.md").read_text().splitlines()
+    assert table[2].startswith("| icepop | 1 | ") and len(table) == 3
     # Rerunning skips both finished runs.
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
