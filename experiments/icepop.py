@@ -68,6 +68,8 @@ SENSITIVITY_ARMS = {
     **{f"kpop_phi{p}": f"correction=kpop,phi={p}" for p in (0.1, 0.5, 2)},
     "icepop_token_mean": "correction=icepop,aggregation=token_mean",
 }
+# Sensitivity arms at the paper's defaults (α=0.5, β=5; φ=0.5) are study 2's own runs.
+SAME_AS_STABILITY = {"icepop_a0.5_b5": "icepop", "kpop_phi0.5": "kpop"}
 # The mismatch level, measured with no correction (seed 0): bf16 alone, the chosen fp8 + σ=1,
 # and a stronger σ=2.
 CALIBRATION_ARMS = {
@@ -161,8 +163,12 @@ def get_sweep(arg: str = "") -> list[dict]:
     for study, arms in (("stability", STABILITY_ARMS), ("sensitivity", SENSITIVITY_ARMS)):
         for s in SEEDS:
             for label, arm in arms.items():
-                runs.append(dict(name=f"{label}_s{s}", arg=f"{arm},seed={s}{size}", study=study,
-                                 label=label, init=f"sft_s{s}"))
+                # The paper's defaults are study 2's runs: same workdir, run once.
+                shared = SAME_AS_STABILITY.get(label, label)
+                if shared != label:
+                    arm = STABILITY_ARMS[shared]
+                runs.append(dict(name=f"{shared}_s{s}", arg=f"{arm},seed={s}{size}",
+                                 study=study, label=label, init=f"sft_s{s}"))
     for label, arm in CALIBRATION_ARMS.items():
         runs.append(dict(name=f"{label}_s0", arg=f"{arm},seed=0{size}", study="calibration",
                          label=label, init="sft_s0"))
