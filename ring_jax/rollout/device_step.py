@@ -179,3 +179,8 @@ class StepFns:
     def deactivate(state: SlotState) -> SlotState:
         """Empties every slot (their cache rows are overwritten by the next prefill)."""
         return state.replace(active_B=jnp.zeros_like(state.active_B))
+
+    @staticmethod
+    def release(state: SlotState, release_B) -> SlotState:
+        """Empties the slots where ``release_B`` (bool [B]) holds: ones the host finished."""
+        return state.replace(active_B=state.active_B & ~release_B)

@@ -16,6 +16,11 @@ Host loop around the two jitted programs of `device_step`:
     in flight are re-prefilled under the new weights at the next step, as C3PO++ resumes
     partial rollouts (their earlier tokens keep their log-probs and versions).
 
+Stop strings are matched on the host after each prefill / decode chunk (the engine needs a
+``detokenize``): a slot whose decoded response contains one is cut after the token that ended it
+(`types.stop_string_cut`), finished with ``FINISH_STOP`` and freed like a stop-token finish;
+tokens its slot sampled past that point within the chunk are discarded.
+
 Every generated token records its id, the log-prob of the *raw* (untempered, untruncated)
 distribution (`sampling`), the policy version and, with ``record_expert_ids``, the routed expert
 ids per MoE layer of the forward step that sampled it.
@@ -39,7 +44,8 @@ from ring_jax import sharding as sharding_lib
 from ring_jax.rollout import device_step
 from ring_jax.rollout import precision as precision_lib
 from ring_jax.rollout.precision import InferencePrecision
-from ring_jax.rollout.types import FINISH_LENGTH, FINISH_STOP, Request, StepOutput
+from ring_jax.rollout.types import (FINISH_LENGTH, FINISH_STOP, Detokenize, Request,
+                                    StepOutput, stop_string_cut)
 
 _FINISH_NAMES = {device_step.FINISH_STOP: FINISH_STOP, device_step.FINISH_LENGTH: FINISH_LENGTH}
 
@@ -79,6 +85,11 @@ class _Slot:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
     expert_ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+    checked: int = -1  # generated tokens known not to end a stop string (-1: those it came with)
+
+    def __post_init__(self):
+        if self.checked < 0:
+            self.checked = self.request.num_generated
 
     def record(self, token: int, logprob: float, version: int,
                expert_ids: np.ndarray | None) -> None:
@@ -87,6 +98,24 @@ class _Slot:
         self.versions.append(version)
         if expert_ids is not None:
             self.expert_ids.append(expert_ids)
+
+    def cut_at_stop_string(self, detokenize: Detokenize | None) -> int | None:
+        """Drops the tokens after a stop string ended; returns how many were dropped, or None
+        when no stop string ended in the tokens recorded since the last call."""
+        sampling = self.request.sampling
+        if not sampling.stop_strings:
+            return None
+        tokens = np.concatenate([np.asarray(self.request.tokens, np.int32),
+                                 np.asarray(self.tokens, np.int32)])
+        keep = stop_string_cut(tokens, sampling, detokenize, checked=self.checked)
+        self.checked = len(tokens)
+        if keep is None:
+            return None
+        keep -= self.request.num_generated
+        dropped = len(self.tokens) - keep
+        del self.tokens[keep:], self.logprobs[keep:], self.versions[keep:]
+        del self.expert_ids[keep:]
+        return dropped
 
     def flush(self, finish_reason: str | None = None) -> Request:
         """The request with everything generated so far appended (a new object)."""
@@ -111,12 +140,16 @@ class Engine:
     cache)`` and ``init_cache(batch, max_len)`` define the model; `from_model` builds them from
     a ring_jax ``ModelConfig`` with the inference precision policy. ``prepare_weights`` maps
     trainer variables to the engine's (cast, quantized, sharded); it runs jitted on device.
+    ``detokenize`` (token ids -> text, e.g. ``tokenizer.decode``) is needed by requests with
+    ``stop_strings``.
     """
 
     def __init__(self, forward, init_cache, variables: Any, config: EngineConfig, *,
                  vocab_size: int, prepare_weights=None, version: int = 0, mesh: Any = None,
-                 weight_sharding: Any = None, state_sharding: Any = None):
+                 weight_sharding: Any = None, state_sharding: Any = None,
+                 detokenize: Detokenize | None = None):
         self.config = config
+        self._detokenize = detokenize
         self.num_slots = config.num_slots
         self.vocab_size = vocab_size
         self.version = version
@@ -132,6 +165,8 @@ class Engine:
         self._decode = jax.jit(self._fns.decode, donate_argnums=1, **state_kw)
         self._deactivate = jax.jit(self._fns.deactivate, donate_argnums=0,
                                    out_shardings=state_sharding)
+        self._release = jax.jit(self._fns.release, donate_argnums=0,
+                                out_shardings=state_sharding)
         with self._mesh_context():
             self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
             self._variables = self._prepare(variables, version)
@@ -161,6 +196,9 @@ class Engine:
 
         One decode step makes at most ``num_slots`` tokens, so the budget may be overshot by
         fewer than ``num_slots`` tokens. Unfinished requests stay in the engine (`drain`).
+        ``num_new_tokens`` counts the tokens the requests kept: tokens sampled past a stop string
+        are discarded and neither counted nor spent, so it always equals the growth of the
+        requests' ``num_generated``.
         """
         if token_budget is not None and (isinstance(token_budget, bool)
                                          or not isinstance(token_budget, int)
@@ -215,7 +253,8 @@ class Engine:
     @classmethod
     def from_model(cls, model_cfg: Any, variables: Any, config: EngineConfig,
                    precision: InferencePrecision = InferencePrecision(), *, version: int = 0,
-                   moe_impl: str = "capacity", mesh: Any = None) -> "Engine":
+                   moe_impl: str = "capacity", mesh: Any = None,
+                   detokenize: Detokenize | None = None) -> "Engine":
         """An engine for a ring_jax `Transformer` under an inference precision policy.
 
         The engine's model is ``model_cfg`` with the policy's dtype (params, activations, KV
@@ -225,7 +264,8 @@ class Engine:
         capacity path is ~8× faster at decode batch sizes than ragged_dot.)
         ``variables`` are trainer variables, converted by `precision.prepare_variables`. With a
         ``mesh`` (`ring_jax.sharding.make_mesh`), slots are split over the batch mesh axes and
-        weights laid out by the logical-axis rules (experts over ``expert``).
+        weights laid out by the logical-axis rules (experts over ``expert``). ``detokenize``
+        enables stop strings (`Engine`).
         """
         moe = {}
         if model_cfg.is_moe:
@@ -257,7 +297,8 @@ class Engine:
                 state_sharding = _slot_state_sharding(mesh, cfg, config)
         return cls(forward, init_cache, variables, config, vocab_size=cfg.vocab_size,
                    prepare_weights=prepare, version=version, mesh=mesh,
-                   weight_sharding=weight_sharding, state_sharding=state_sharding)
+                   weight_sharding=weight_sharding, state_sharding=state_sharding,
+                   detokenize=detokenize)
 
     @property
     def variables(self) -> Any:
@@ -297,6 +338,9 @@ class Engine:
         if len(r.sampling.stop_token_ids) > self.config.max_stop_tokens:
             return (f"{len(r.sampling.stop_token_ids)} stop tokens > engine max_stop_tokens="
                     f"{self.config.max_stop_tokens}")
+        if r.sampling.stop_strings and self._detokenize is None:
+            return ("has stop_strings but the engine has no detokenize (pass detokenize= to "
+                    "Engine / Engine.from_model)")
         if not 0 <= r.seed < 2**32:
             return f"seed={r.seed} must be in [0, 2**32)"
         return None
@@ -325,14 +369,19 @@ class Engine:
                 self._variables, self._state, tokens_NT, length_N, slot_N, num_generated_N,
                 self._sampling_rows(batch, N))
         token_N, logprob_N, expert_ids_LNK, finish_N = jax.device_get(out)
+        release_B = np.zeros((self.num_slots,), bool)
         for n, r in enumerate(batch):
             slot = _Slot(r)
             slot.record(int(token_N[n]), float(logprob_N[n]), self.version,
                         None if expert_ids_LNK is None else expert_ids_LNK[:, n])
-            if finish_N[n]:
+            if slot.cut_at_stop_string(self._detokenize) is not None:
+                finished.append(slot.flush(FINISH_STOP))
+                release_B[free[n]] = not finish_N[n]  # the device still thinks it runs
+            elif finish_N[n]:
                 finished.append(slot.flush(_FINISH_NAMES[int(finish_N[n])]))
             else:
                 self._slots[free[n]] = slot
+        self._release_slots(release_B)
         return len(batch)
 
     def _decode_chunk(self, num_steps: int, finished: list[Request]) -> int:
@@ -343,6 +392,7 @@ class Engine:
         steps, token_KB, logprob_KB, expert_KLBK, finish_B = jax.device_get(out)
         token_KB, logprob_KB = token_KB[:steps], logprob_KB[:steps]
         generated = 0
+        release_B = np.zeros((self.num_slots,), bool)
         for b, slot in enumerate(self._slots):
             if slot is None:
                 continue
@@ -350,10 +400,23 @@ class Engine:
                 slot.record(int(token_KB[k, b]), float(logprob_KB[k, b]), self.version,
                             None if expert_KLBK is None else expert_KLBK[k, :, b])
                 generated += 1
-            if finish_B[b]:
+            dropped = slot.cut_at_stop_string(self._detokenize)
+            if dropped is not None:
+                generated -= dropped
+                finished.append(slot.flush(FINISH_STOP))
+                self._slots[b] = None
+                release_B[b] = not finish_B[b]
+            elif finish_B[b]:
                 finished.append(slot.flush(_FINISH_NAMES[int(finish_B[b])]))
                 self._slots[b] = None
+        self._release_slots(release_B)
         return generated
+
+    def _release_slots(self, release_B: np.ndarray) -> None:
+        """Frees on device the slots the host finished (stop strings)."""
+        if release_B.any():
+            with self._mesh_context():
+                self._state = self._release(self._state, release_B)
 
     def _sampling_rows(self, batch: Sequence[Request], N: int) -> device_step.SamplingRows:
         stop_NS = np.full((N, self.config.max_stop_tokens), -1, np.int32)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ring_jax.rollout import sampling
-from ring_jax.rollout.types import FINISH_LENGTH, FINISH_STOP, Request
+from ring_jax.rollout.types import (FINISH_LENGTH, FINISH_STOP, Detokenize, Request,
+                                    stop_string_cut)
 
 # (variables, tokens_BT) -> (logits_BTV, expert_ids_LBTK | None): a full causal forward.
 FullForward = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array | None]]
@@ -42,13 +43,16 @@ def _sample_rows(logits_BV, seed_B, index_B, temperature_B, top_k_B, top_p_B, gr
 
 
 def generate(forward: FullForward, variables: Any, requests: Sequence[Request], *,
-             max_len: int, version: int = 0) -> list[Request]:
+             max_len: int, version: int = 0,
+             detokenize: Detokenize | None = None) -> list[Request]:
     """Runs every request to completion, recomputing the whole forward for each token.
 
-    Same semantics as `Engine` (stop tokens, min/max new tokens, the max_len limit, resumed
-    requests, raw-logit log-probs, ``fold_in(PRNGKey(seed), i)`` keys); returns finished copies
-    in input order.
+    Same semantics as `Engine` (stop tokens, stop strings checked after every token with
+    ``detokenize``, min/max new tokens, the max_len limit, resumed requests, raw-logit
+    log-probs, ``fold_in(PRNGKey(seed), i)`` keys); returns finished copies in input order.
     """
+    if detokenize is None and any(r.sampling.stop_strings for r in requests):
+        raise ValueError("requests with stop_strings need a detokenize")
     B = len(requests)
     buffer_BS = np.zeros((B, max_len), np.int32)
     length_B = np.zeros((B,), np.int32)
@@ -93,6 +97,10 @@ def generate(forward: FullForward, variables: Any, requests: Sequence[Request], 
             buffer_BS[b, length_B[b]] = token
             length_B[b] += 1
             if token in p.stop_token_ids and index_B[b] >= p.min_new_tokens:
+                finish[b] = FINISH_STOP
+            elif p.stop_strings and stop_string_cut(
+                    np.concatenate([requests[b].tokens, new[b]["tokens"]]).astype(np.int32), p,
+                    detokenize, checked=int(index_B[b])) is not None:
                 finish[b] = FINISH_STOP
             elif index_B[b] + 1 >= p.max_new_tokens or length_B[b] >= max_len:
                 finish[b] = FINISH_LENGTH

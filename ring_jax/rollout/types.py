@@ -18,7 +18,7 @@ Per generated token t the request records (PAPER §1 needs all of them):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -39,6 +39,9 @@ class SamplingParams:
     min_new_tokens: int = 0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    # Stop strings end a response whose decoded text contains one (needs an engine built with
+    # a ``detokenize``; see `stop_string_cut`).
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self):
         config_lib.check_float("temperature", self.temperature, min_value=0.0,
@@ -49,6 +52,41 @@ class SamplingParams:
         config_lib.check_int("max_new_tokens", self.max_new_tokens, min_value=1)
         config_lib.check_int("min_new_tokens", self.min_new_tokens, min_value=0,
                              max_value=self.max_new_tokens)
+        config_lib.check(isinstance(self.stop_strings, tuple)
+                         and all(isinstance(s, str) and s for s in self.stop_strings),
+                         "stop_strings", self.stop_strings, "must be a tuple of non-empty str")
+
+
+# token ids -> text (e.g. ``tokenizer.decode``): what stop strings are matched against.
+Detokenize = Callable[[Sequence[int]], str]
+
+
+def stop_string_cut(tokens: np.ndarray, sampling: SamplingParams, detokenize: Detokenize, *,
+                    checked: int) -> int | None:
+    """How many of the generated ``tokens`` to keep when a stop string ends in ``tokens[checked:]``
+    (the first ``checked`` are known not to end one), or None when none does.
+
+    Generated token i ends a stop string when ``detokenize(tokens[:i + 1])`` contains one, at the
+    first such i. Like stop tokens under ``min_new_tokens``, token i may only stop when
+    i ≥ min_new_tokens, and an occurrence lying wholly inside the text of the first
+    min_new_tokens tokens does not count. The full text is decoded first, so a response without
+    a stop string costs one decode per check.
+    """
+    tokens = np.asarray(tokens)
+    n = len(tokens)
+    start = max(checked, sampling.min_new_tokens)
+    if not sampling.stop_strings or n <= start:
+        return None
+    m = sampling.min_new_tokens
+    base = len(detokenize(tokens[:m].tolist())) if m else 0
+
+    def ends_stop(count: int) -> bool:
+        text = detokenize(tokens[:count].tolist())
+        return any(text.find(s, max(0, base - len(s) + 1)) >= 0 for s in sampling.stop_strings)
+
+    if not ends_stop(n):
+        return None
+    return next(count for count in range(start + 1, n + 1) if ends_stop(count))
 
 
 def _empty(dtype, *shape) -> np.ndarray:
