@@ -196,12 +196,25 @@ def measure(cfg: ModelConfig, variables: dict, requests: list[Request]) -> dict[
     views = probe.trainer_view(forward, variables, requests)
     out = {"dlogp": np.concatenate([lp - r.logprobs for (lp, _), r in zip(views, requests)]),
            "pos": np.concatenate([np.arange(r.num_generated) for r in requests]),
-           "lengths": np.asarray([r.num_generated for r in requests])}
+           "lengths": np.asarray([r.num_generated for r in requests]),
+           "response": np.concatenate([np.full(r.num_generated, i)
+                                       for i, r in enumerate(requests)])}
     if tcfg.is_moe:
         engine_NLK = np.sort(np.concatenate([r.expert_ids for r in requests]), axis=-1)
         trainer_NLK = np.sort(np.concatenate([e for _, e in views]), axis=-1)
         out["flip_NL"] = np.any(engine_NLK != trainer_NLK, axis=-1)
     return out
+
+
+def bootstrap_ci(values: np.ndarray, group: np.ndarray, num: int = 1000,
+                 seed: int = 0) -> list[float]:
+    """95% interval of the token-mean of ``values`` when whole responses (``group``) are
+    resampled: tokens of one response are correlated, so responses are the unit."""
+    sums = np.bincount(group, weights=values)
+    counts = np.bincount(group)
+    idx = np.random.default_rng(seed).integers(0, len(sums), size=(num, len(sums)))
+    means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    return [float(x) for x in np.quantile(means, [0.025, 0.975])]
 
 
 def summarize(m: dict[str, np.ndarray], edges: tuple[int, ...]) -> dict[str, Any]:
@@ -217,7 +230,8 @@ def summarize(m: dict[str, np.ndarray], edges: tuple[int, ...]) -> dict[str, Any
                         "mean": float(a[sel].mean()) if n else None,
                         "max": float(a[sel].max()) if n else None})
     out = {"tokens": int(a.size), "mean_response_len": float(m["lengths"].mean()),
-           "abs_dlogp_mean": float(a.mean()), "abs_dlogp_median": float(np.median(a)),
+           "abs_dlogp_mean": float(a.mean()),
+           "abs_dlogp_mean_ci95": bootstrap_ci(a, m["response"]), "abs_dlogp_median": float(np.median(a)),
            "abs_dlogp_p99": float(np.quantile(a, 0.99)), "abs_dlogp_max": float(a.max()),
            "icepop_masked_frac": float(masked.mean()), "by_position": buckets}
     if "flip_NL" in m:
@@ -268,11 +282,14 @@ def plot_all(out_dir: str, raw: dict[str, dict], results: dict[str, Any],
     fig.tight_layout()
     paths.append(_save(fig, out_dir, "fig1_abs_dlogp_hist.png"))
 
-    # Fig 2: growth with position (bucketed mean and max).
+    # Fig 2: growth with position (bucketed mean and max). The fp32 control (~1e-6, Fig 1)
+    # is left out so the linear axis resolves the bf16/fp8 arms.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     mids = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
     for key in arms:
         model, prec = key.split("/")
+        if prec == "fp32":
+            continue
         b = results["arms"][key]["by_position"]
         for ax, stat in zip(axes, ("mean", "max")):
             xs = [x for x, r in zip(mids, b) if r[stat] is not None]
@@ -281,7 +298,7 @@ def plot_all(out_dir: str, raw: dict[str, dict], results: dict[str, Any],
                     label=f"{model} {prec}")
     for ax, stat in zip(axes, ("mean", "max")):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel(f"response position (bucket mid; edges {list(edges)})")
         ax.set_ylabel(f"{stat} |Δlogp| in bucket")
         ax.legend(fontsize=8)
@@ -329,7 +346,7 @@ def plot_all(out_dir: str, raw: dict[str, dict], results: dict[str, Any],
         axes[0].set_xlabel("|Δlogp|")
         axes[1].set_xlabel("response position (bucket mid)")
         axes[1].set_ylabel("mean |Δlogp|")
-        axes[1].set_yscale("symlog", linthresh=1e-6)
+        axes[1].set_ylim(bottom=0)
         axes[2].set_xlabel("MoE layer")
         axes[2].set_ylabel("expert-flip fraction")
         for ax in axes:
@@ -339,6 +356,35 @@ def plot_all(out_dir: str, raw: dict[str, dict], results: dict[str, Any],
         paths.append(_save(fig, out_dir, "fig4_training.png"))
     plt.close("all")
     return paths
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    """The headline numbers of results.json as markdown tables (pasted into REPRODUCING.md)."""
+    fmt = lambda x: "–" if x is None else f"{x:.2e}"
+    lines = ["| arm | tokens | mean len | mean |Δlogp| [95% CI, responses resampled] | median | p99 | max | IcePop-masked "
+             "| expert-flip frac (mean over layers) | tokens with any flip |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, a in results["arms"].items():
+        flips = a.get("expert_flip_frac")
+        any_flip = a.get("token_any_flip_frac")
+        lines.append(
+            f"| {key} | {a['tokens']} | {a['mean_response_len']:.1f} | {fmt(a['abs_dlogp_mean'])} "
+            f"[{fmt(a['abs_dlogp_mean_ci95'][0])}, {fmt(a['abs_dlogp_mean_ci95'][1])}] "
+            f"| {fmt(a['abs_dlogp_median'])} | {fmt(a['abs_dlogp_p99'])} "
+            f"| {fmt(a['abs_dlogp_max'])} | {a['icepop_masked_frac']:.4f} "
+            f"| {'–' if flips is None else f'{flips:.4f}'} "
+            f"| {'–' if any_flip is None else f'{any_flip:.4f}'} |")
+    lines += ["", "Mean (max) |Δlogp| by response position:", ""]
+    for key, a in results["arms"].items():
+        cells = [f"[{b['lo']},{b['hi']}): {fmt(b['mean'])} ({fmt(b['max'])}, n={b['tokens']})"
+                 for b in a["by_position"]]
+        lines.append(f"- {key}: " + "; ".join(cells))
+    lines += ["", "Expert-flip fraction by MoE layer (shallow → deep):", ""]
+    for key, a in results["arms"].items():
+        if "expert_flip_frac_by_layer" in a:
+            lines.append(f"- {key}: " + ", ".join(f"{x:.4f}"
+                                                   for x in a["expert_flip_frac_by_layer"]))
+    return "\n".join(lines) + "\n"
 
 
 def _save(fig, out_dir: str, name: str) -> str:
@@ -417,6 +463,8 @@ def run_study(study: StudyConfig, out_dir: str, work_dir: str,
     results["timings_s"]["total"] = time.perf_counter() - t_start
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(markdown_tables(results))
     return results
 
 
