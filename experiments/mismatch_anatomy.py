@@ -22,12 +22,13 @@ Procedure (all on this machine's CPU):
   4. "After RL vs at start": the same measurement for the policy of an RL workdir (default the
      quickstart's /tmp/rj_full) and its SFT start (``<workdir>/sft``).
 
-Writes into ``--out_dir``: results.json (every number below) and four PNGs:
-  fig1_abs_dlogp_hist.png, fig2_position.png, fig3_flips_vs_depth.png, fig4_training.png.
+Writes into ``--out_dir``: results.json (every number), summary.md (its tables, as pasted into
+experiments/REPRODUCING.md) and four PNGs: fig1_abs_dlogp_hist.png, fig2_position.png,
+fig3_flips_vs_depth.png, fig4_training.png.
 
 Commands:
-    python experiments/mismatch_anatomy.py                # --size=local, ~8 min on 2 CPU cores
-    python experiments/mismatch_anatomy.py --size=tiny --out_dir=/tmp/ma  # smoke, ~1 min
+    python experiments/mismatch_anatomy.py                # --size=local, ~9 min on 2 CPU cores
+    python experiments/mismatch_anatomy.py --size=tiny --out_dir=/tmp/ma  # smoke, ~2.5 min
 
 Variants: ``get_config("local" | "tiny")``.
 """
@@ -220,7 +221,7 @@ def bootstrap_ci(values: np.ndarray, group: np.ndarray, num: int = 1000,
 def summarize(m: dict[str, np.ndarray], edges: tuple[int, ...]) -> dict[str, Any]:
     """JSON-able numbers of one arm (|Δ| statistics, by position bucket, flips by layer)."""
     a = np.abs(m["dlogp"])
-    log_k = m["dlogp"]
+    log_k = m["dlogp"]  # log of IcePop's k = π_train / π_infer
     masked = (log_k < np.log(ICEPOP_ALPHA)) | (log_k > np.log(ICEPOP_BETA))
     buckets = []
     for lo, hi in zip(edges[:-1], edges[1:]):
