@@ -87,7 +87,8 @@ class StudyConfig:
 
 def get_config(arg: str = "local") -> StudyConfig:
     """``local``: a 6-layer small-like MoE (1 dense + 5 MoE layers, 16 experts in 4 groups,
-    top-2 + 1 shared expert, D=128) vs a dense model of equal active size. ``tiny``: the smoke-test size (minutes → seconds)."""
+    top-2 + 1 shared expert, D=128) vs a dense model of equal active size. ``tiny``: the
+    smoke-test size (2 MoE layers, a few prompts and SFT steps)."""
     if arg == "local":
         moe = presets.get("small", hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                           intermediate_size=512, num_experts=16, num_experts_per_tok=2,
@@ -188,7 +189,8 @@ def rollouts(cfg: ModelConfig, variables: dict, precision: InferencePrecision,
             return finished
 
 
-def measure(cfg: ModelConfig, variables: dict, requests: list[Request]) -> dict[str, np.ndarray]:
+def measure(cfg: ModelConfig, variables: dict,
+            requests: list[Request]) -> dict[str, np.ndarray]:
     """Per response token: signed Δ = log π_train − log π_infer, its position, and (MoE) whether
     its expert set differs per MoE layer [n, L_moe]."""
     requests = [r for r in requests if r.num_generated > 0]
@@ -232,7 +234,8 @@ def summarize(m: dict[str, np.ndarray], edges: tuple[int, ...]) -> dict[str, Any
                         "max": float(a[sel].max()) if n else None})
     out = {"tokens": int(a.size), "mean_response_len": float(m["lengths"].mean()),
            "abs_dlogp_mean": float(a.mean()),
-           "abs_dlogp_mean_ci95": bootstrap_ci(a, m["response"]), "abs_dlogp_median": float(np.median(a)),
+           "abs_dlogp_mean_ci95": bootstrap_ci(a, m["response"]),
+           "abs_dlogp_median": float(np.median(a)),
            "abs_dlogp_p99": float(np.quantile(a, 0.99)), "abs_dlogp_max": float(a.max()),
            "icepop_masked_frac": float(masked.mean()), "by_position": buckets}
     if "flip_NL" in m:
@@ -362,8 +365,9 @@ def plot_all(out_dir: str, raw: dict[str, dict], results: dict[str, Any],
 def markdown_tables(results: dict[str, Any]) -> str:
     """The headline numbers of results.json as markdown tables (pasted into REPRODUCING.md)."""
     fmt = lambda x: "–" if x is None else f"{x:.2e}"
-    lines = ["| arm | tokens | mean len | mean |Δlogp| [95% CI, responses resampled] | median | p99 | max | IcePop-masked "
-             "| expert-flip frac (mean over layers) | tokens with any flip |",
+    lines = ["| arm | tokens | mean len | mean \\|Δlogp\\| [95% CI, responses resampled] "
+             "| median | p99 | max | IcePop-masked | expert-flip frac (mean over layers) "
+             "| tokens with any flip |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, a in results["arms"].items():
         flips = a.get("expert_flip_frac")
@@ -375,7 +379,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
             f"| {fmt(a['abs_dlogp_max'])} | {a['icepop_masked_frac']:.4f} "
             f"| {'–' if flips is None else f'{flips:.4f}'} "
             f"| {'–' if any_flip is None else f'{any_flip:.4f}'} |")
-    lines += ["", "Mean (max) |Δlogp| by response position:", ""]
+    lines += ["", "Mean (max) \\|Δlogp\\| by response position:", ""]
     for key, a in results["arms"].items():
         cells = [f"[{b['lo']},{b['hi']}): {fmt(b['mean'])} ({fmt(b['max'])}, n={b['tokens']})"
                  for b in a["by_position"]]
