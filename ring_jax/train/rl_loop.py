@@ -163,7 +163,7 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
 
     variables = _to_engine({"params": state["params"], "router": state["router"]})
     engine_kw = dict(precision=cfg.precision, version=start, moe_impl=cfg.engine_moe_impl,
-                     mesh=_engine_mesh(mesh))
+                     mesh=_engine_mesh(mesh), detokenize=tokenizer.decode)
     engine = Engine.from_model(cfg.model, variables, cfg.engine, **engine_kw)
     # Between scheduler iterations the engine is idle (sync, c3po: unfinished responses wait in
     # the scheduler's buffer), so evaluation reuses it and its compiled programs; in async mode
