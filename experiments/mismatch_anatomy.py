@@ -191,8 +191,8 @@ def rollouts(cfg: ModelConfig, variables: dict, precision: InferencePrecision,
 
 def measure(cfg: ModelConfig, variables: dict,
             requests: list[Request]) -> dict[str, np.ndarray]:
-    """Per response token: signed Δ = log π_train − log π_infer, its position, and (MoE) whether
-    its expert set differs per MoE layer [n, L_moe]."""
+    """Per response token: signed Δ = log π_train − log π_infer, its position, its response,
+    and (MoE) whether its expert set differs per MoE layer [n, L_moe]."""
     requests = [r for r in requests if r.num_generated > 0]
     tcfg = trainer_config(cfg)
     forward = reference.model_forward(Transformer(tcfg), record_expert_ids=tcfg.is_moe)
