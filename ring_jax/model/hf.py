@@ -284,7 +284,7 @@ def load(path: str, *, param_dtype: str = "float32", **overrides) -> tuple[Model
     entries = _entries(cfg, layout, stacked_experts=stacked)
     wanted = {n for e in entries for n in e.names}
     missing = sorted(wanted - set(reader.weight_map))
-    mtp = re.compile(rf"model\.layers\.(\d+)\.")
+    mtp = re.compile(r"model\.layers\.(\d+)\.")
     unknown = sorted(
         k for k in set(reader.weight_map) - wanted
         if not (raw.get("num_nextn_predict_layers") and (m := mtp.match(k))
