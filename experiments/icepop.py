@@ -69,11 +69,13 @@ SENSITIVITY_ARMS = {
     "icepop_token_mean": "correction=icepop,aggregation=token_mean",
 }
 # Sensitivity arms at the paper's defaults (α=0.5, β=5; φ=0.5) are study 2's own runs.
-SAME_AS_STABILITY = {"icepop_a0.5_b5": "icepop", "kpop_phi0.5": "kpop"}
+SAME_AS_STABILITY = {"icepop_a0.5_b5": "icepop", "kpop_phi0.5": "kpop",
+                     "none_fp8_noise1": "none"}
 # The mismatch level, measured with no correction (seed 0): bf16 alone, the chosen fp8 + σ=1,
 # and a stronger σ=2.
 CALIBRATION_ARMS = {
     "none_bf16": "correction=none,nofp8,noise=0",
+    "none_fp8_noise1": "correction=none",  # the chosen level: study 2's "none" run
     "none_noise2": "correction=none,noise=2",
 }
 
@@ -170,6 +172,7 @@ def get_sweep(arg: str = "") -> list[dict]:
                 runs.append(dict(name=f"{shared}_s{s}", arg=f"{arm},seed={s}{size}",
                                  study=study, label=label, init=f"sft_s{s}"))
     for label, arm in CALIBRATION_ARMS.items():
-        runs.append(dict(name=f"{label}_s0", arg=f"{arm},seed=0{size}", study="calibration",
+        shared = SAME_AS_STABILITY.get(label, label)
+        runs.append(dict(name=f"{shared}_s0", arg=f"{arm},seed=0{size}", study="calibration",
                          label=label, init="sft_s0"))
     return runs
