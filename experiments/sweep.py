@@ -97,12 +97,14 @@ def run_all(config_path: str, runs: list[dict], root: str) -> dict[str, float]:
 
 def final_table(groups: dict[str, list[str]], last: int = 10,
                 metrics: Sequence[str] = STUDY_METRICS) -> str:
-    """Markdown table: per label, eval/pass@1 at the first and last evaluation and each other
+    """Markdown table: per label, eval/pass@1 at the first and last evaluation (and averaged
+    over the evaluations after the first) and each other
     metric averaged over each seed's last ``last`` steps (a per-step curve is noisy), then
     mean ± std over seeds. A metric a run never logged (e.g. the masked-token entropy of an arm
     that masks nothing) is "–"."""
     curves = [m for m in metrics if m != "eval/pass@1"]
-    header = ["arm", "seeds", "pass@1 before RL", "pass@1 after RL"] + [
+    header = ["arm", "seeds", "pass@1 before RL", "pass@1 after RL",
+              "pass@1 mean of RL evals"] + [
         f"{m} (last {last})" for m in curves]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, workdirs in groups.items():
@@ -113,6 +115,8 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
             if len(evals):
                 per_seed.setdefault("before", []).append(evals[0])
                 per_seed.setdefault("after", []).append(evals[-1])
+                if len(evals) > 1:  # every evaluation after step 0: less noisy than the last
+                    per_seed.setdefault("during", []).append(float(np.mean(evals[1:])))
             final_step = max(r.get("step", 0) for r in records)
             for metric in curves:
                 steps, values = plot.series(records, metric)
@@ -120,7 +124,7 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
                 if len(tail):
                     per_seed.setdefault(metric, []).append(float(np.mean(tail)))
         cells = []
-        for key in ["before", "after"] + curves:
+        for key in ["before", "after", "during"] + curves:
             values = per_seed.get(key, [])
             if not values:
                 cells.append("–")
