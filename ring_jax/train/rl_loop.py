@@ -112,8 +112,9 @@ def _load_hf(path: str, model_cfg) -> dict:
     return variables
 
 
-def _init_state(cfg, model, tx, mesh, workdir: str) -> dict:
-    """Fresh RL state placed on the mesh, with the policy from SFT / ``init_from`` if any."""
+def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
+    """Fresh RL state placed on the mesh, with the policy from SFT / ``init_from`` if any and
+    ``load_policy`` (a resumed run restores its own checkpoint over this state instead)."""
     tokens = jnp.zeros((1, cfg.scheduler.max_seq_len), jnp.int32)
     with sharding.use_mesh(mesh):
         var_shardings = sharding.param_shardings(
@@ -121,6 +122,7 @@ def _init_state(cfg, model, tx, mesh, workdir: str) -> dict:
         variables = jax.jit(model.init, out_shardings=var_shardings)(
             jax.random.key(cfg.seed), tokens)
         policy_dir = cfg.init_from or (os.path.join(workdir, "sft") if cfg.sft.num_steps else "")
+        policy_dir = policy_dir if load_policy else ""
         if policy_dir and os.path.exists(os.path.join(policy_dir, "config.json")) and \
                 not os.path.isdir(os.path.join(policy_dir, "checkpoints")):
             variables = jax.device_put(_load_hf(policy_dir, cfg.model), var_shardings)
@@ -154,10 +156,11 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
 
     # ---------------------------------------------------------------- restore or initialise
     tx = optim.make_optimizer(cfg.rl.optim)
-    state = _init_state(cfg, model, tx, mesh, workdir)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    resuming = ckpt.latest_step() is not None
+    state = _init_state(cfg, model, tx, mesh, workdir, load_policy=not resuming)
     start, sched_state = 0, None
-    if ckpt.latest_step() is not None:
+    if resuming:
         restored = ckpt.restore(state)
         state, start, sched_state = restored.state, restored.step, restored.arrays
 
