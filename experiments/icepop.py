@@ -42,6 +42,8 @@ Args (comma-separated after ':'):
   seed=N                                      run seed (SFT data, sampling, held-out split)
   alpha=A, beta=B, phi=F, cap=C               IcePop band, KPop bound, TIS cap
   aggregation=seq_mean_token_mean|token_mean|seq_mean_token_sum_norm
+  masked=kept|removed                         masked tokens in the loss denominator (PAPER §1:
+                                              kept) or removed from it (the ablation)
   r3                                          router replay: train with the engine's experts
   noise=S, nofp8, fp32                        the mismatch knobs (fp32: engine in float32, no
                                               noise, no fp8 — the matched-numerics control)
@@ -66,14 +68,16 @@ STABILITY_ARMS = {
     "r3": "correction=none,r3",
     "r3_icepop": "correction=icepop,r3",
 }
-# Study 3: the IcePop band, the KPop bound and the loss aggregation. ``losses.AGGREGATIONS``
-# all keep masked tokens in the denominator (PAPER §1); "removed from the denominator" is not an
-# option of ring_jax.rl.losses, so it is not an arm here (REPRODUCING.md says so).
+# Study 3: the IcePop band, the KPop bound and the loss aggregation: masked tokens kept in the
+# 1/|y_i| denominator (PAPER §1, the default) vs removed from it, and token-mean vs
+# sequence-mean.
 SENSITIVITY_ARMS = {
     **{f"icepop_a{a}_b{b}": f"correction=icepop,alpha={a},beta={b}"
        for a in (0.2, 0.5) for b in (2, 5, 10)},
     **{f"kpop_phi{p}": f"correction=kpop,phi={p}" for p in (0.1, 0.5, 2)},
     "icepop_token_mean": "correction=icepop,aggregation=token_mean",
+    "icepop_masked_removed": "correction=icepop,masked=removed",
+    "kpop_masked_removed": "correction=kpop,masked=removed",
 }
 # Sensitivity arms at the paper's defaults (α=0.5, β=5; φ=0.5) are study 2's own runs.
 SAME_AS_STABILITY = {"icepop_a0.5_b5": "icepop", "kpop_phi0.5": "kpop",
@@ -98,10 +102,17 @@ def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
     return flags, values
 
 
+def _masked_in_denominator(value: str) -> bool:
+    if value not in ("kept", "removed"):
+        raise ValueError(f"masked={value!r}: must be 'kept' or 'removed'")
+    return value == "kept"
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     flags, values = _parse(arg)
     known_flags = {"r3", "nofp8", "fp32", "sft", "local", "smoke"}
-    known_values = {"correction", "seed", "alpha", "beta", "phi", "cap", "aggregation", "noise"}
+    known_values = {"correction", "seed", "alpha", "beta", "phi", "cap", "aggregation", "noise",
+                    "masked"}
     unknown = (flags - known_flags) | (set(values) - known_values)
     if unknown:
         raise ValueError(f"unknown args {sorted(unknown)}; flags: {sorted(known_flags)}, "
@@ -122,7 +133,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                           kpop_phi=float(values.get("phi", 0.5)),
                           tis_cap=float(values.get("cap", 2.0)),
                           eps_low=0.2, eps_high=0.28,
-                          aggregation=values.get("aggregation", "seq_mean_token_mean")),
+                          aggregation=values.get("aggregation", "seq_mean_token_mean"),
+                          masked_in_denominator=_masked_in_denominator(
+                              values.get("masked", "kept"))),
                 optim=dict(learning_rate=1e-4, warmup_steps=5, clip_norm=1.0))
     c.scheduler = dict(mode="c3po", group_size=8, batch_size=64, max_seq_len=96,
                        token_budget=512, sigma_max=2, max_active_requests=96,

@@ -11,13 +11,15 @@ The objective (Ring-1T eq. for IcePop; PAPER §1 "Objective"), per response toke
 
 `policy_loss` returns the scalar to minimise, -J, and metrics. Masked tokens (c = 0) get exactly
 zero gradient yet still count in |y_i| (PAPER §1: dropping them from the denominator would
-inflate the remaining tokens' gradients).
+inflate the remaining tokens' gradients). ``masked_in_denominator=False`` drops them, the
+ablation PAPER §1 argues against (issue 7's study 3 measures it).
 
 Micro-batching (gradient accumulation) is exact because every reduction is a sum/denominator
 pair (`LossTerms`). The denominator of the whole minibatch, `loss_denominator(mask_BT, cfg)` of
 the full minibatch's mask, is fixed before the pieces are processed:
 
     norm = loss_denominator(mask_full_BT, cfg)           # sequences, or tokens for token_mean
+    #   (masked_in_denominator=False: loss_denominator(mask, cfg, kept_tokens(...)) instead)
     total = None
     for piece in pieces:                                  # rows of the minibatch
         def f(params):
@@ -126,6 +128,12 @@ class LossConfig:
       aggregation: "seq_mean_token_mean" (the paper's 1/G Σ_i 1/|y_i| Σ_t), "token_mean"
         (DAPO: Σ over all tokens / number of tokens), "seq_mean_token_sum_norm" (Dr.GRPO: each
         sequence's token sum / a constant length, mean over sequences).
+      masked_in_denominator: True (PAPER §1): masked tokens count in |y_i| (and in the token
+        count of "token_mean"). False: only kept tokens count — |y_i| becomes the number of kept
+        tokens of sequence i, and a sequence with none kept leaves the 1/G average (or the
+        token count) — which inflates the kept tokens' gradients; an ablation. Only for
+        "seq_mean_token_mean" and "token_mean" ("seq_mean_token_sum_norm" divides by a
+        constant).
       max_response_len: the constant length of "seq_mean_token_sum_norm" and the span of the
         position buckets; None = the T of the inputs.
       kl_coef, kl_estimator: penalty kl_coef · KL(π_θ ‖ π_ref) per token with Schulman's
@@ -147,6 +155,7 @@ class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     aggregation: str = "seq_mean_token_mean"
+    masked_in_denominator: bool = True
     max_response_len: int | None = None
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
@@ -166,6 +175,13 @@ class LossConfig:
         config_lib.check(self.eps_low < 1.0, "eps_low", self.eps_low, "must be < 1")
         config_lib.check_float("eps_high", self.eps_high, min_value=0.0)
         config_lib.check_one_of("aggregation", self.aggregation, AGGREGATIONS)
+        config_lib.check(isinstance(self.masked_in_denominator, bool), "masked_in_denominator",
+                         self.masked_in_denominator, "must be a bool")
+        config_lib.check(self.masked_in_denominator
+                         or self.aggregation != "seq_mean_token_sum_norm",
+                         "masked_in_denominator", self.masked_in_denominator,
+                         "False needs aggregation 'seq_mean_token_mean' or 'token_mean' "
+                         "('seq_mean_token_sum_norm' divides by a constant)")
         if self.max_response_len is not None:
             config_lib.check_int("max_response_len", self.max_response_len, min_value=1)
         config_lib.check_float("kl_coef", self.kl_coef, min_value=0.0)
@@ -281,13 +297,44 @@ class LossTerms(NamedTuple):
     maxes: dict[str, jax.Array]
 
 
-def loss_denominator(mask_BT: jax.Array, cfg: LossConfig) -> jax.Array:
+def _apply_correction(logp_old_BT: jax.Array, logp_infer_BT: jax.Array, mask_BT: jax.Array,
+                      cfg: LossConfig) -> tuple[jax.Array, Correction]:
+    """(log k [B, T], the correction's verdict). float32 inputs; mask_BT 1.0 on responses."""
+    # k = π_train(θ_old) / π_infer(θ_old) stays in log space; 0 outside the response so that
+    # padding never reaches an exp.
+    log_k_BT = jnp.where(mask_BT > 0, logp_old_BT - logp_infer_BT, 0.0)
+    correction = get_correction(cfg.correction)(
+        MismatchInputs(log_k_BT, logp_old_BT, logp_infer_BT, mask_BT), cfg)
+    return log_k_BT, correction
+
+
+def kept_tokens(logp_old_BT: jax.Array, logp_infer_BT: jax.Array, mask_BT: jax.Array,
+                cfg: LossConfig) -> jax.Array:
+    """bool [B, T]: the response tokens the correction keeps (the rest are masked)."""
+    sg, f32 = jax.lax.stop_gradient, jnp.float32
+    mask_BT = mask_BT.astype(f32)
+    _, correction = _apply_correction(sg(logp_old_BT.astype(f32)),
+                                      sg(logp_infer_BT.astype(f32)), mask_BT, cfg)
+    return correction.keep_BT.astype(bool) & (mask_BT > 0)
+
+
+def loss_denominator(mask_BT: jax.Array, cfg: LossConfig,
+                     keep_BT: jax.Array | None = None) -> jax.Array:
     """The loss's denominator for a batch: its response-token count for "token_mean", else its
-    number of sequences with at least one response token (all-padding rows do not count)."""
-    mask_BT = mask_BT.astype(jnp.float32)
+    number of sequences with at least one response token (all-padding rows do not count).
+
+    With ``cfg.masked_in_denominator=False`` only the tokens in ``keep_BT`` (`kept_tokens`,
+    required then) count: kept tokens, or sequences with at least one kept token.
+    """
+    counted_BT = mask_BT.astype(jnp.float32)
+    if not cfg.masked_in_denominator:
+        if keep_BT is None:
+            raise ValueError("LossConfig.masked_in_denominator=False needs keep_BT "
+                             "(losses.kept_tokens)")
+        counted_BT = counted_BT * keep_BT.astype(jnp.float32)
     if cfg.aggregation == "token_mean":
-        return mask_BT.sum()
-    return (mask_BT.sum(-1) > 0).sum().astype(jnp.float32)
+        return counted_BT.sum()
+    return (counted_BT.sum(-1) > 0).sum().astype(jnp.float32)
 
 
 def accumulate_terms(a: LossTerms, b: LossTerms) -> LossTerms:
@@ -348,11 +395,7 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
         adv_BT = adv_BT[:, None]
     adv_BT = jnp.broadcast_to(adv_BT, (num_rows, num_cols))
 
-    # k = π_train(θ_old) / π_infer(θ_old) stays in log space; 0 outside the response so that
-    # padding never reaches an exp.
-    log_k_BT = jnp.where(on_BT, logp_old_BT - logp_infer_BT, 0.0)
-    correction = get_correction(cfg.correction)(
-        MismatchInputs(log_k_BT, logp_old_BT, logp_infer_BT, mask_BT), cfg)
+    log_k_BT, correction = _apply_correction(logp_old_BT, logp_infer_BT, mask_BT, cfg)
     weight_BT = sg(jnp.where(on_BT, correction.weight_BT.astype(f32), 0.0))
     keep_BT = correction.keep_BT.astype(bool) | ~on_BT
 
@@ -382,10 +425,12 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
 
     # Aggregation: numerator here, denominator from `loss_denominator`.
     num_tokens_B = mask_BT.sum(-1)
+    kept_BT = mask_BT * keep_BT
+    counted_BT = mask_BT if cfg.masked_in_denominator else kept_BT
     span = cfg.max_response_len or num_cols
     if cfg.aggregation == "seq_mean_token_mean":
-        # Masked tokens are still in |y_i| (PAPER §1).
-        loss_sum = (token_loss_BT.sum(-1) / jnp.maximum(num_tokens_B, 1.0)).sum()
+        # |y_i|: masked tokens are still in it (PAPER §1) unless masked_in_denominator=False.
+        loss_sum = (token_loss_BT.sum(-1) / jnp.maximum(counted_BT.sum(-1), 1.0)).sum()
     elif cfg.aggregation == "token_mean":
         loss_sum = token_loss_BT.sum()
     else:  # seq_mean_token_sum_norm
@@ -432,7 +477,7 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
         sums["entropy_masked"] = (ent_BT * masked_BT).sum()
     if cfg.kl_coef > 0:
         sums["kl_ref"] = (sg(kl_BT) * mask_BT).sum()
-    return LossTerms(loss_sum, loss_denominator(mask_BT, cfg), sums, maxes)
+    return LossTerms(loss_sum, loss_denominator(mask_BT, cfg, kept_BT), sums, maxes)
 
 
 def _div(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -96,7 +96,9 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
         def update(carry, piece):
             params, opt_state = carry
             mb = piece["batch"]
-            denominator = losses.loss_denominator(mb["loss_mask_BT"], loss_cfg)
+            keep_BT = None if loss_cfg.masked_in_denominator else losses.kept_tokens(
+                piece["logp_old_BT"], mb["logp_infer_BT"], mb["loss_mask_BT"], loss_cfg)
+            denominator = losses.loss_denominator(mb["loss_mask_BT"], loss_cfg, keep_BT)
 
             def loss_fn(p):
                 # The entropy has a gradient here: the optional entropy bonus acts on θ.

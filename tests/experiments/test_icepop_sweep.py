@@ -31,7 +31,7 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs():
     for r in runs:
         by_study.setdefault(r["study"], {}).setdefault(r["label"], []).append(r)
     assert set(by_study["stability"]) == {"none", "tis", "icepop", "kpop", "r3", "r3_icepop"}
-    assert len(by_study["sensitivity"]) == 6 + 3 + 1
+    assert len(by_study["sensitivity"]) == 6 + 3 + 3
     for study in ("stability", "sensitivity"):
         for label, arm_runs in by_study[study].items():
             assert len(arm_runs) >= 3, label
@@ -49,6 +49,11 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs():
     cfg = experiment.from_config_dict(icepop.get_config("correction=kpop,phi=2,r3"))
     assert cfg.rl.loss.kpop_phi == 2.0 and cfg.rl.router_replay and cfg.engine.record_expert_ids
     assert experiment.from_config_dict(icepop.get_config("sft,local")).rl.num_steps == 0
+    removed = experiment.from_config_dict(icepop.get_config("correction=icepop,masked=removed"))
+    assert not removed.rl.loss.masked_in_denominator
+    assert experiment.from_config_dict(icepop.get_config("")).rl.loss.masked_in_denominator
+    with pytest.raises(ValueError, match="masked="):
+        icepop.get_config("masked=dropped")
     with pytest.raises(ValueError, match="unknown args"):
         icepop.get_config("corection=tis")
 

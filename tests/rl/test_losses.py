@@ -80,6 +80,36 @@ def test_hand_computed_losses(correction, aggregation):
     np.testing.assert_allclose(float(loss), HAND_LOSSES[(correction, aggregation)], rtol=1e-6)
 
 
+# masked_in_denominator=False: only kept tokens count in |y_i| / the token count, and a sequence
+# with no kept token leaves the average. Same batch and weights as HAND_LOSSES.
+HAND_LOSSES_MASKED_REMOVED = {
+    # icepop keeps [1, 2] of seq 0 and [1] of seq 1: |y| = 2, 1; 3 kept tokens.
+    ("icepop", "seq_mean_token_mean"): (-3 / 2 + 0.5 / 1) / 2,  # -0.5
+    ("icepop", "token_mean"): (-3 + 0.5) / 3,  # -0.8333
+    # kpop φ=0.14 keeps only the p = q tokens: one per sequence.
+    ("kpop", "seq_mean_token_mean"): (-1 / 1 + 0.5 / 1) / 2,  # -0.25
+    ("kpop", "token_mean"): (-1 + 0.5) / 2,  # -0.25
+    # seq_mask drops seq 1 whole, so it leaves the 1/G average: G = 1.
+    ("seq_mask", "seq_mean_token_mean"): (-3 / 3) / 1,  # -1.0
+    ("seq_mask", "token_mean"): -3 / 3,  # -1.0
+    # none and tis mask nothing: the same as with masked tokens kept in.
+    ("tis", "seq_mean_token_mean"): HAND_LOSSES[("tis", "seq_mean_token_mean")],
+    ("none", "token_mean"): HAND_LOSSES[("none", "token_mean")],
+}
+
+
+@pytest.mark.parametrize("correction,aggregation", sorted(HAND_LOSSES_MASKED_REMOVED))
+def test_hand_computed_losses_masked_removed_from_denominator(correction, aggregation):
+    cfg = losses.LossConfig(correction=correction, aggregation=aggregation, kpop_phi=0.14,
+                            masked_in_denominator=False)
+    loss, _ = _loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK, cfg)
+    np.testing.assert_allclose(float(loss), HAND_LOSSES_MASKED_REMOVED[(correction, aggregation)],
+                               rtol=1e-6)
+    keep = losses.kept_tokens(LOGP_OLD, LOGP_INFER, MASK, cfg)
+    terms = losses.policy_loss_terms(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK, cfg)
+    assert float(losses.loss_denominator(MASK, cfg, keep)) == float(terms.denominator)
+
+
 def test_hand_computed_mismatch_metrics():
     _, m = _loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK,
                  losses.LossConfig(correction="icepop"))
@@ -203,7 +233,9 @@ def np_policy_loss(logp, logp_old, logp_infer, adv, mask, cfg):
     else:
         pg = r * adv
     tok = np.where(on, -w * pg, 0.0)
-    n = mask.sum(1)
+    n = mask.sum(1) if cfg.masked_in_denominator else (on & (w > 0)).sum(1)
+    if cfg.aggregation == "token_mean" and not cfg.masked_in_denominator:
+        return tok.sum() / n.sum()
     if cfg.aggregation == "seq_mean_token_mean":
         return (tok.sum(1)[n > 0] / n[n > 0]).sum() / (n > 0).sum()
     if cfg.aggregation == "token_mean":
@@ -233,9 +265,10 @@ def _random_batch(seed, rows=6, cols=10, extreme=False):
     return f(logp), f(logp_old), f(logp_infer), f(adv), mask
 
 
-def _check_against_reference(correction, aggregation, clip, extreme):
+def _check_against_reference(correction, aggregation, clip, extreme, masked_in_denominator=True):
     cfg = losses.LossConfig(correction=correction, aggregation=aggregation, clip=clip,
-                            eps_high=0.28, kpop_phi=0.3)
+                            eps_high=0.28, kpop_phi=0.3,
+                            masked_in_denominator=masked_in_denominator)
     for seed in range(3):
         batch = _random_batch(seed + 10 * extreme, extreme=extreme)
         loss, metrics, grad = _loss_and_grad(*batch, cfg)
@@ -257,6 +290,13 @@ REFERENCE_CASES = [(c, a, a != "token_mean") for c in CORRECTIONS for a in losse
 def test_matches_numpy_reference(correction, aggregation, clip):
     for extreme in (False, True):
         _check_against_reference(correction, aggregation, clip, extreme)
+
+
+@pytest.mark.parametrize("correction", ["icepop", "kpop", "seq_mask"])
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+def test_masked_removed_from_denominator_matches_numpy_reference(correction, aggregation):
+    _check_against_reference(correction, aggregation, True, extreme=True,
+                             masked_in_denominator=False)
 
 
 @pytest.mark.slow
@@ -318,11 +358,14 @@ def _split_rows(arrays, pieces):
     return [[a[i::pieces] for a in arrays] for i in range(pieces)]
 
 
-@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
-def test_micro_batches_equal_full_batch(aggregation):
+@pytest.mark.parametrize("aggregation,masked_in_denominator", [
+    *[(a, True) for a in losses.AGGREGATIONS],
+    ("seq_mean_token_mean", False), ("token_mean", False)])
+def test_micro_batches_equal_full_batch(aggregation, masked_in_denominator):
     batch = _random_batch(4, rows=8, cols=12, extreme=True)
     entropy = np.random.default_rng(0).random(batch[-1].shape).astype(np.float32)
-    cfg = losses.LossConfig(correction="icepop", aggregation=aggregation, eps_high=0.28)
+    cfg = losses.LossConfig(correction="icepop", aggregation=aggregation, eps_high=0.28,
+                            masked_in_denominator=masked_in_denominator)
 
     @jax.jit
     def piece_terms(logp, logp_old, logp_infer, adv, mask, ent, norm):
@@ -334,7 +377,8 @@ def test_micro_batches_equal_full_batch(aggregation):
 
     full_loss, full_metrics = _loss(*batch, cfg, entropy=entropy)
     full_grad = _grad(*batch, cfg)
-    norm = losses.loss_denominator(batch[-1], cfg)
+    _, logp_old, logp_infer, _, mask = batch
+    norm = losses.loss_denominator(mask, cfg, losses.kept_tokens(logp_old, logp_infer, mask, cfg))
     total, grads, loss = None, [], 0.0
     for piece in _split_rows(list(batch) + [entropy], 4):
         (piece_loss, terms), g = piece_terms(*piece, norm)
@@ -381,6 +425,9 @@ def test_vmap_over_batches_equals_loop():
     (dict(kl_estimator="k4"), "kl_estimator"),
     (dict(max_response_len=0), "max_response_len"),
     (dict(clip=1), "clip"),
+    (dict(masked_in_denominator=0), "masked_in_denominator"),
+    (dict(masked_in_denominator=False, aggregation="seq_mean_token_sum_norm"),
+     "masked_in_denominator"),
     (dict(correction_params=(("tau", "x"),)), "correction_params"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
@@ -408,6 +455,8 @@ def test_registered_correction_is_usable_by_name():
 
 
 def test_missing_optional_inputs_raise():
+    with pytest.raises(ValueError, match="keep_BT"):
+        losses.loss_denominator(MASK, losses.LossConfig(masked_in_denominator=False))
     with pytest.raises(ValueError, match="logp_ref"):
         _loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK, losses.LossConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="entropy"):

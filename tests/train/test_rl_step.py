@@ -88,6 +88,27 @@ def test_metrics_match_policy_loss_at_theta_old(state, step_fn):
     assert max(jax.tree.leaves(moved)) > 0
 
 
+def test_masked_removed_from_denominator_reaches_the_step(state):
+    """With one minibatch, train/loss is `policy_loss` at θ_old, also when masked tokens leave
+    the denominator (the step must hand `loss_denominator` the kept tokens)."""
+    batch = _batch()
+    variables = {"params": state["params"], "router": state["router"]}
+    seg = rl_step._valid_inputs_BT(jnp.asarray(batch["loss_mask_BT"]))
+    logits, _ = MODEL.apply(variables, batch["tokens_BT"], segment_ids_BT=seg)
+    logp, _ = logprobs.logprobs_from_logits(logits, batch["targets_BT"])
+    inputs = (logp, logp, batch["logp_infer_BT"], batch["advantages_B"], batch["loss_mask_BT"])
+    for aggregation in ("seq_mean_token_mean", "token_mean"):
+        cfg = dataclasses.replace(LOSS_CFG, aggregation=aggregation, masked_in_denominator=False)
+        fn = jax.jit(rl_step.make_rl_train_step(MODEL, TX, cfg, router_bias_rate=0.0))
+        _, metrics = fn(state, batch)
+        expected, m = losses.policy_loss(*inputs, cfg)
+        kept_in, _ = losses.policy_loss(*inputs, dataclasses.replace(
+            cfg, masked_in_denominator=True))
+        assert 0 < float(m["mismatch/masked_frac"]) < 1
+        assert float(expected) != float(kept_in)
+        np.testing.assert_allclose(metrics["train/loss"], expected, rtol=1e-4, atol=1e-7)
+
+
 def test_router_bias_moves_outside_gradient(state, step_fn):
     new_state, _ = step_fn(state, _batch())
     before = router_bias.stack_expert_bias(state["router"])
