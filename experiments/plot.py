@@ -6,8 +6,9 @@
 
 Workdirs sharing a label are seeds of one setting: their curves are drawn as mean ± std
 (across seeds) against the step, and against wall-clock (each seed interpolated onto a common
-time grid up to the shortest run). A label is `LABEL=PATH` on the command line, else the
-workdir's name with a trailing seed suffix (`_s0`, `-seed1`, `_seed=2`) removed.
+time grid up to the shortest run; ``--time_key=time/rl_s`` counts RL steps only, without
+start-up and evaluation). A label is `LABEL=PATH` on the command line, else the workdir's name
+with a trailing seed suffix (`_s0`, `-seed1`, `_seed=2`) removed.
 
 Writes <out>/curves_vs_step.png, <out>/curves_vs_time.png and <out>/summary.md (last value of
 each metric per label, mean ± std over seeds), and prints the table.
@@ -93,10 +94,10 @@ def aggregate_by_step(runs: list[list[dict]], metric: str, window: int = 1):
 
 
 def aggregate_by_time(runs: list[list[dict]], metric: str, window: int = 1,
-                      num_points: int = 200):
+                      num_points: int = 200, time_key: str = "time/elapsed_s"):
     """Seeds interpolated onto a common wall-clock grid (to the shortest run) -> mean, std."""
     curves = [(x, smooth(y, window)) for x, y in
-              (series(r, metric, x_key="time/elapsed_s") for r in runs) if len(x)]
+              (series(r, metric, x_key=time_key) for r in runs) if len(x)]
     if not curves:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     start = max(x[0] for x, _ in curves)
@@ -163,8 +164,10 @@ def _figure(num_panels: int):
 
 
 def plot_groups(groups: dict[str, list[str]], out_dir: str, metrics: Sequence[str] | None = None,
-                window: int = 1) -> dict[str, str]:
-    """Writes the two curve figures and summary.md; returns {'step'|'time'|'summary': path}."""
+                window: int = 1, time_key: str = "time/elapsed_s") -> dict[str, str]:
+    """Writes the two curve figures and summary.md; returns {'step'|'time'|'summary': path}.
+    ``time_key``: the wall-clock axis, e.g. "time/rl_s" (RL steps only: no start-up, no
+    evaluation)."""
     groups_records = {label: [read_metrics(w) for w in dirs] for label, dirs in groups.items()}
     metrics = pick_metrics(groups_records, metrics)
     if not metrics:
@@ -178,7 +181,7 @@ def plot_groups(groups: dict[str, list[str]], out_dir: str, metrics: Sequence[st
                 if axis == "step":
                     x, mean, std, _ = aggregate_by_step(runs, metric, window)
                 else:
-                    x, mean, std = aggregate_by_time(runs, metric, window)
+                    x, mean, std = aggregate_by_time(runs, metric, window, time_key=time_key)
                     x = x / 60.0
                 if len(x) == 0:
                     continue
@@ -187,7 +190,7 @@ def plot_groups(groups: dict[str, list[str]], out_dir: str, metrics: Sequence[st
                 if len(runs) > 1:
                     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_title(metric, fontsize=10)
-            ax.set_xlabel("step" if axis == "step" else "wall-clock (min)")
+            ax.set_xlabel("step" if axis == "step" else f"{time_key} (min)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
@@ -208,9 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", default="",
                         help="comma-separated metric names (default: all with a known prefix)")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
+    parser.add_argument("--time_key", default="time/elapsed_s",
+                        help="wall-clock axis: time/elapsed_s (whole run) or time/rl_s (RL steps)")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m] or None
-    paths = plot_groups(parse_runs(args.runs), args.out, metrics, args.smooth)
+    paths = plot_groups(parse_runs(args.runs), args.out, metrics, args.smooth, args.time_key)
     print(open(paths["summary"]).read(), end="")
     print(f"wrote {paths['step']}, {paths['time']}, {paths['summary']}")
     return 0

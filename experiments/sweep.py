@@ -40,13 +40,18 @@ STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "train/grad_norm",
                  "rl/entropy_all_tokens", "rl/entropy_masked_tokens")
 
 
-def load_sweep(config: str) -> tuple[str, list[dict]]:
-    """'FILE:SIZE' -> (FILE, FILE's get_sweep(SIZE))."""
+def load_sweep(config: str) -> tuple[str, list[dict], dict]:
+    """'FILE:SIZE' -> (FILE, FILE's get_sweep(SIZE), how to report it). FILE may set
+    ``STUDY_METRICS`` (the curves drawn and tabulated), ``TIME_KEY`` (the wall-clock axis) and
+    ``TABLE_LAST`` (steps averaged per seed in table.md); defaults: study 2's."""
     path, _, size = config.partition(":")
     spec = importlib.util.spec_from_file_location("_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return path, module.get_sweep(size)
+    report = dict(metrics=getattr(module, "STUDY_METRICS", STUDY_METRICS),
+                  time_key=getattr(module, "TIME_KEY", "time/elapsed_s"),
+                  last=getattr(module, "TABLE_LAST", 10))
+    return path, module.get_sweep(size), report
 
 
 def select(runs: list[dict], study: str = "", seeds: Sequence[int] = (),
@@ -98,13 +103,14 @@ def run_all(config_path: str, runs: list[dict], root: str) -> dict[str, float]:
 def final_table(groups: dict[str, list[str]], last: int = 10,
                 metrics: Sequence[str] = STUDY_METRICS) -> str:
     """Markdown table: per label, eval/pass@1 at the first and last evaluation (and averaged
-    over the evaluations after the first) and each other
-    metric averaged over each seed's last ``last`` steps (a per-step curve is noisy), then
-    mean ± std over seeds. A metric a run never logged (e.g. the masked-token entropy of an arm
-    that masks nothing) is "–"."""
+    over the evaluations after the first), the seconds spent in RL steps (``time/rl_s``: no
+    start-up, no evaluation), the % of finished responses purged for staleness, and each other
+    metric averaged over each seed's last ``last``
+    steps (a per-step curve is noisy), then mean ± std over seeds. A metric a run never logged
+    (e.g. the masked-token entropy of an arm that masks nothing) is "–"."""
     curves = [m for m in metrics if m != "eval/pass@1"]
     header = ["arm", "seeds", "pass@1 before RL", "pass@1 after RL",
-              "pass@1 mean of RL evals"] + [
+              "pass@1 mean of RL evals", "RL s", "purged %"] + [
         f"{m} (last {last})" for m in curves]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, workdirs in groups.items():
@@ -117,6 +123,15 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
                 per_seed.setdefault("after", []).append(evals[-1])
                 if len(evals) > 1:  # every evaluation after step 0: less noisy than the last
                     per_seed.setdefault("during", []).append(float(np.mean(evals[1:])))
+            _, rl_seconds = plot.series(records, "time/rl_s")
+            if len(rl_seconds):
+                per_seed.setdefault("rl_s", []).append(float(rl_seconds[-1]))
+            totals = next((r for r in reversed(records) if "sched/total/trained_responses" in r),
+                          None)
+            if totals is not None:  # responses purged (C3PO++ staleness) / responses finished
+                purged = totals.get("sched/total/purged_responses", 0.0)
+                per_seed.setdefault("purged", []).append(
+                    100.0 * purged / max(purged + totals["sched/total/trained_responses"], 1.0))
             final_step = max(r.get("step", 0) for r in records)
             for metric in curves:
                 steps, values = plot.series(records, metric)
@@ -124,12 +139,12 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
                 if len(tail):
                     per_seed.setdefault(metric, []).append(float(np.mean(tail)))
         cells = []
-        for key in ["before", "after", "during"] + curves:
+        for key in ["before", "after", "during", "rl_s", "purged"] + curves:
             values = per_seed.get(key, [])
             if not values:
                 cells.append("–")
             else:
-                digits = 4 if "masked_frac" in key else 3
+                digits = 4 if "masked_frac" in key else 1 if key in ("rl_s", "purged") else 3
                 cells.append(f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
                              if len(values) > 1 else f"{values[0]:.{digits}f}")
         lines.append(f"| {label} | {len(workdirs)} | " + " | ".join(cells) + " |")
@@ -137,7 +152,8 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
 
 
 def plot_studies(runs: list[dict], root: str, figures: str,
-                 metrics: Sequence[str] = STUDY_METRICS, window: int = 1) -> list[str]:
+                 metrics: Sequence[str] = STUDY_METRICS, window: int = 1,
+                 time_key: str = "time/elapsed_s", last: int = 10) -> list[str]:
     """One figure set and table.md per study under <figures>/<study>/; returns the table.md
     paths."""
     summaries = []
@@ -149,10 +165,10 @@ def plot_studies(runs: list[dict], root: str, figures: str,
                 groups.setdefault(r["label"], []).append(workdir)
         if groups:
             out_dir = os.path.join(figures, study)
-            plot.plot_groups(groups, out_dir, metrics, window)
+            plot.plot_groups(groups, out_dir, metrics, window, time_key)
             summaries.append(os.path.join(out_dir, "table.md"))
             with open(summaries[-1], "w") as f:
-                f.write(final_table(groups, metrics=metrics))
+                f.write(final_table(groups, last=last, metrics=metrics))
     return summaries
 
 
@@ -168,14 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
     parser.add_argument("--plot_only", action="store_true", help="only draw the figures")
     args = parser.parse_args(argv)
-    config_path, runs = load_sweep(args.config)
+    config_path, runs, report = load_sweep(args.config)
     runs = select(runs, args.study, [int(s) for s in args.seeds.split(",") if s],
                   [a for a in args.arms.split(",") if a])
     if not args.plot_only:
         t0 = time.perf_counter()
         run_all(config_path, runs, args.root)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
-    for summary in plot_studies(runs, args.root, args.figures, window=args.smooth):
+    for summary in plot_studies(runs, args.root, args.figures, window=args.smooth, **report):
         print(f"{summary}:\n{open(summary).read()}", flush=True)
     return 0
 

@@ -206,6 +206,13 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start or None,
                                        total_steps=cfg.rl.num_steps, is_main=is_main,
                                        console_fields=CONSOLE_FIELDS)
+    # time/rl_s: seconds spent in RL steps (rollout, train, weight sync; evaluation and start-up
+    # excluded), continued across resumes; the wall-clock axis for comparing schedulers.
+    rl_seconds = 0.0
+    metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    if start and is_main and os.path.exists(metrics_path):
+        rl_seconds = max((r.get("time/rl_s", 0.0) for r in metrics_lib.read_jsonl(metrics_path)),
+                         default=0.0)
     first_eval = None
     if start == 0:
         first_eval = run_eval(0, variables)
@@ -233,11 +240,13 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
             trained_tokens = float(batch["loss_mask_BT"].sum())
             metrics.update({"perf/rollout_s": t_rollout - t0, "perf/train_s": t_train - t_rollout,
                             "perf/trained_tokens_per_s": trained_tokens / (t_train - t0)})
+            metrics["perf/step_s"] = time.perf_counter() - t0  # evaluation: perf/eval_s
+            rl_seconds += metrics["perf/step_s"]
+            metrics["time/rl_s"] = rl_seconds
             is_last = step == cfg.rl.num_steps
             if is_last or (cfg.eval.every and step % cfg.eval.every == 0):
                 final_eval = run_eval(step, variables)
                 metrics.update(final_eval)
-            metrics["perf/step_s"] = time.perf_counter() - t0
             # Metrics of a step are written before its checkpoint, so a resume never loses them.
             writer.write(step, metrics)
             if ckpt.due(step) or is_last:

@@ -97,6 +97,10 @@ def test_sigkill_and_resume_matches_uninterrupted(reference_run, tmp_path):
         for key, value in reference[step].items():
             np.testing.assert_allclose(resumed[step][key], value, rtol=0, atol=0,
                                        err_msg=f"step {step} {key}")
+    # The RL-time clock continues across the resumes: positive and increasing at every step.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rl_time = [json.loads(line)["time/rl_s"] for line in f if '"time/rl_s"' in line]
+    assert len(rl_time) == 3 and all(b > a > 0 for a, b in zip(rl_time, rl_time[1:]))
 
 
 @pytest.mark.slow

@@ -1,0 +1,139 @@
+"""Study 4 of issue 7: C3PO++ vs synchronous vs k-step async rollouts in real RL runs (PAPER §2).
+
+The paper reports C3PO++ (a token budget Φ per rollout iteration, unfinished responses carried
+to the next policy version, purged past σ_max versions) ~2.5× faster in the rollout phase and
+~1.5× end to end than synchronous rollouts, with reward on par. This study trains the same
+policy with each scheduler and records reward vs step and vs wall-clock, held-out accuracy, the
+rollout-phase and end-to-end seconds per step and per trained token, purges and staleness.
+(`experiments/benchmarks/c3po.py` measures the scheduler alone on simulated accelerator time;
+this is the whole RL loop on the real engine and trainer.)
+
+Recipe: the quickstart's tiny Ling-2.0 MoE and GRPO + IcePop with a bf16 engine, on a
+**long-tailed difficulty mix**: addition of two 1-12 digit numbers with worked column sums, the
+operand size drawn with P(size) ∝ size^-1.5 (`Task.size_tail`), so responses are ~22 tokens at
+the median, ~63 at p90 and up to ~121 (the long tail C3PO++'s budget targets). SFT warm start
+(one per seed, shared by all arms of that seed through ``init_from``), then RL where the arms
+differ only in ``scheduler``:
+
+  sync            every batch's responses run to completion (the baseline)
+  async           k = 1 step off-policy: batch n is generated with the weights of step n-1 in a
+                  background thread while the trainer trains batch n-1
+  c3po            C3PO++ with Φ = 1024 new tokens per iteration (≈ one batch: 32 responses ×
+                  ~30 tokens) and σ_max = 4 policy versions (enough for a 121-token response at
+                  ~32 tokens per iteration)
+  c3po_phi{512,2048}      the budget sweep at σ_max = 4
+  c3po_sigma{1,2}         the staleness sweep at Φ = 1024
+
+Commands (resumable; figures and table.md into <figures>/<study>/):
+
+    python experiments/sweep.py --config=experiments/c3po.py:local \
+        --root=runs/c3po --figures=experiments/figures/c3po
+    python experiments/sweep.py --config=experiments/c3po.py:local --study=modes --seeds=0 ...
+
+Args (comma-separated after ':'):
+  mode=sync|c3po|async    the scheduler (default c3po)
+  phi=N, sigma=N, k=N      C3PO++ budget Φ and bound σ_max; async staleness k
+  seed=N
+  sft                      SFT warm start only (rl.num_steps = 0)
+  local                    the CPU size used for REPRODUCING.md
+  smoke                    a tiny run for the end-to-end test (learns nothing)
+
+On a 2-core CPU the engine and the trainer share the cores, so async cannot overlap generation
+with training there, and every wall-clock figure depends on the machine's load: compare arms of
+the same seed (run back to back) and read the ratios, not the absolute seconds.
+"""
+import ml_collections
+
+from ring_jax.train.experiment import complete, model_section
+
+SEEDS = (0, 1, 2)
+DEFAULT_PHI, DEFAULT_SIGMA = 1024, 4
+STUDIES = {
+    "modes": {"sync": "mode=sync", "async": "mode=async", "c3po": "mode=c3po"},
+    "budget": {f"c3po_phi{p}": f"mode=c3po,phi={p}" for p in (512, DEFAULT_PHI, 2048)},
+    "staleness": {f"c3po_sigma{s}": f"mode=c3po,sigma={s}" for s in (1, 2, DEFAULT_SIGMA)},
+}
+# Arms at the defaults are the "modes" study's c3po runs: same workdir, run once.
+SAME_AS = {f"c3po_phi{DEFAULT_PHI}": "c3po", f"c3po_sigma{DEFAULT_SIGMA}": "c3po"}
+# How sweep.py reports this study: these curves, against the seconds spent in RL steps (no
+# start-up, no evaluation), and table.md averaging steps 2-60 (step 1 compiles the train step).
+STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_s",
+                 "perf/step_s", "perf/trained_tokens_per_s", "rl/response_tokens",
+                 "sched/versions_spanned_mean", "mismatch/masked_frac")
+TIME_KEY = "time/rl_s"
+TABLE_LAST = 59
+
+
+def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
+    flags, values = set(), {}
+    for item in filter(None, arg.split(",")):
+        key, sep, value = item.partition("=")
+        if sep:
+            values[key] = value
+        else:
+            flags.add(key)
+    return flags, values
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    flags, values = _parse(arg)
+    known_flags, known_values = {"sft", "local", "smoke"}, {"mode", "phi", "sigma", "k", "seed"}
+    unknown = (flags - known_flags) | (set(values) - known_values)
+    if unknown:
+        raise ValueError(f"unknown args {sorted(unknown)}; flags: {sorted(known_flags)}, "
+                         f"key=value: {sorted(known_values)}")
+    c = ml_collections.ConfigDict()
+    c.seed = int(values.get("seed", 0))
+    c.model = model_section("tiny", moe_impl="capacity")
+    c.task = dict(name="addition",
+                  kwargs=dict(min_size=1, max_size=12, size_tail=1.5, show_steps=True),
+                  num_prompts=100_000, tokenizer="byte", thinking=True)
+    c.sft = dict(seq_len=192, batch_size=16, num_steps=400, log_every=50)
+    c.sft_optim = dict(learning_rate=3e-3, warmup_steps=20, clip_norm=1.0)
+    c.rl = dict(num_steps=60, num_minibatches=2, router_bias_rate=1e-3, logprob_chunk=64,
+                advantage=dict(estimator="grpo"),
+                loss=dict(correction="icepop", alpha=0.5, beta=5.0, eps_low=0.2,
+                          eps_high=0.28, aggregation="seq_mean_token_mean"),
+                optim=dict(learning_rate=2e-4, warmup_steps=5, clip_norm=1.0))
+    c.scheduler = dict(mode=values.get("mode", "c3po"), group_size=8, batch_size=32,
+                       max_seq_len=176, token_budget=int(values.get("phi", DEFAULT_PHI)),
+                       sigma_max=int(values.get("sigma", DEFAULT_SIGMA)),
+                       max_staleness=int(values.get("k", 1)), max_active_requests=64,
+                       step_chunk_tokens=256, num_reward_workers=2,
+                       sampling=dict(temperature=1.0, max_new_tokens=128))
+    c.engine = dict(num_slots=32, max_len=176, decode_chunk=8)
+    c.engine_moe_impl = "capacity"
+    c.precision = dict(dtype="bfloat16")
+    c.reward = dict(name="task")
+    c.eval = dict(every=10, num_prompts=48, num_samples=2)
+    c.checkpoint = dict(save_every=20, max_to_keep=1)
+    c.mesh = dict(data=-1)
+    c.init_from = ""  # sweep.py points this at the seed's SFT workdir (and sets sft.num_steps=0)
+    if "smoke" in flags:
+        c.sft.num_steps, c.rl.num_steps = 4, 3
+        c.scheduler.update(group_size=4, batch_size=8, token_budget=min(
+            c.scheduler.token_budget, 128), max_active_requests=16)
+        c.scheduler.sampling.max_new_tokens = 24
+        c.rl.num_minibatches = 1
+        c.eval.update(every=2, num_prompts=4, num_samples=2)
+        c.checkpoint.save_every = 1
+    if "sft" in flags:
+        c.rl.num_steps = 0
+    # "local" is the default size here; the flag is accepted so sweep.py's FILE:SIZE works.
+    return complete(c)
+
+
+def get_sweep(arg: str = "") -> list[dict]:
+    """One SFT warm start per seed, then every study's arms × seeds initialised from it (runs
+    shared between studies run once). Run dicts as in experiments/icepop.py."""
+    size = "," + arg if arg else ""
+    runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
+                 init=None) for s in SEEDS]
+    for study, arms in STUDIES.items():
+        for s in SEEDS:
+            for label, arm in arms.items():
+                shared = SAME_AS.get(label, label)
+                runs.append(dict(name=f"{shared}_s{s}",
+                                 arg=f"{STUDIES['modes'].get(shared, arm)},seed={s}{size}",
+                                 study=study, label=label, init=f"sft_s{s}"))
+    return runs

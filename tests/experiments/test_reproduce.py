@@ -1,0 +1,50 @@
+"""experiments/reproduce.py: the stage list (fast) and the whole smoke pipeline (slow)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "experiments", "reproduce.py")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_stages_cover_every_study_at_local_size():
+    stages = dict(_load().stages("local", "/r", "/f", python="py"))
+    assert list(stages) == ["quickstart", "mismatch_anatomy", "icepop", "c3po"]
+    assert "--trained_workdir=/r/quickstart" in stages["mismatch_anatomy"]
+    assert "--size=local" in stages["mismatch_anatomy"]
+    assert any(a.endswith("icepop.py:local") for a in stages["icepop"])
+    assert any(a.endswith("c3po.py:local") for a in stages["c3po"])
+    # No seed or arm filter at local size: every run of every study.
+    assert not any(a.startswith(("--seeds", "--arms")) for c in stages.values() for a in c)
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_writes_every_study(tmp_path):
+    root, figures = tmp_path / "runs", tmp_path / "figures"
+    out = subprocess.run([sys.executable, SCRIPT, "--size=smoke", f"--root={root}",
+                          f"--figures={figures}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert set(json.load(open(root / "reproduce_timings.json"))) == {
+        "mismatch_anatomy", "icepop", "c3po"}
+    assert (figures / "mismatch_anatomy" / "results.json").exists()
+    tables = {study: (figures / path / "table.md").read_text()
+              for study, path in (("stability", "stability/stability"),
+                                  ("sensitivity", "stability/sensitivity"),
+                                  ("modes", "c3po/modes"))}
+    assert "| none | 1 |" in tables["stability"] and "| icepop | 1 |" in tables["stability"]
+    assert "| icepop_masked_removed | 1 |" in tables["sensitivity"]
+    assert "| sync | 1 |" in tables["modes"] and "| c3po | 1 |" in tables["modes"]
