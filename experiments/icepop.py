@@ -1,5 +1,6 @@
 """Studies 2 and 3 of issue 7: stability of RL under a strong training-inference mismatch
-(none vs TIS vs IcePop vs KPop, plus router replay R3), and IcePop/KPop sensitivity.
+(none vs TIS vs IcePop vs KPop, plus router replay R3, and none/TIS/IcePop over 200 steps), and
+IcePop/KPop sensitivity (band, bound, loss aggregation).
 
 Reproduces, at toy scale, the IcePop blog's Figs 5-10 (PAPER §1): train reward, held-out
 accuracy, gradient norm, max and mean |log π_infer − log π_train|, the fraction of tokens masked
@@ -49,6 +50,7 @@ Args (comma-separated after ':'):
                                               noise, no fp8 — the matched-numerics control)
   sft                                         SFT warm start only (rl.num_steps = 0)
   local                                       the CPU size used for REPRODUCING.md (~1-2 min/run)
+  long                                        200 RL steps instead of 40 (with ``local``)
   smoke                                       a tiny run for the end-to-end test (learns nothing)
 
 Without ``local``/``smoke`` the sizes are the quickstart's (a ~5 min run on 2 CPU cores); on real
@@ -89,6 +91,11 @@ CALIBRATION_ARMS = {
     "none_fp8_noise1": "correction=none",  # the chosen level: study 2's "none" run
     "none_noise2": "correction=none,noise=2",
 }
+# Study 2 over 200 RL steps (5x the "local" length; the IcePop blog's uncorrected runs
+# collapsed after ~180-200 steps), one seed.
+LONG_ARMS = {"none_long": "correction=none,long", "tis_long": "correction=tis,long",
+             "icepop_long": "correction=icepop,long"}
+LONG_SEEDS = (0,)
 
 
 def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
@@ -110,7 +117,7 @@ def _masked_in_denominator(value: str) -> bool:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     flags, values = _parse(arg)
-    known_flags = {"r3", "nofp8", "fp32", "sft", "local", "smoke"}
+    known_flags = {"r3", "nofp8", "fp32", "sft", "local", "long", "smoke"}
     known_values = {"correction", "seed", "alpha", "beta", "phi", "cap", "aggregation", "noise",
                     "masked"}
     unknown = (flags - known_flags) | (set(values) - known_values)
@@ -162,6 +169,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.scheduler.update(batch_size=32, token_budget=384, max_active_requests=64)
         c.eval.update(every=10, num_prompts=48, num_samples=2)
         c.checkpoint.save_every = 20
+    if "long" in flags:
+        c.rl.num_steps = 200
+        c.eval.every = 20
+        c.checkpoint.save_every = 50
     if "smoke" in flags:
         c.sft.num_steps, c.rl.num_steps = 4, 3
         c.scheduler.update(group_size=4, batch_size=8, token_budget=64, max_active_requests=16)
@@ -176,9 +187,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "") -> list[dict]:
     """The runs of both studies at size ``arg`` (e.g. "local", "smoke"): one SFT warm start per
-    seed, then every arm × seed initialised from it, and the seed-0 calibration arms. Each run is
-    {"name", "arg", "study" ("sft" | "stability" | "sensitivity" | "calibration"), "label",
-    "init" (the name of the run whose workdir is the arm's ``init_from``, or None)}."""
+    seed, then every arm × seed initialised from it, the seed-0 calibration arms and the 200-step
+    "long" arms. Each run is {"name", "arg", "study" ("sft" | "stability" | "sensitivity" |
+    "calibration" | "long"), "label", "init" (the name of the run whose workdir is the arm's
+    ``init_from``, or None)}."""
     size = "," + arg if arg else ""
     runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
                  init=None) for s in SEEDS]
@@ -195,4 +207,8 @@ def get_sweep(arg: str = "") -> list[dict]:
         shared = SAME_AS_STABILITY.get(label, label)
         runs.append(dict(name=f"{shared}_s0", arg=f"{arm},seed=0{size}", study="calibration",
                          label=label, init="sft_s0"))
+    for s in LONG_SEEDS:
+        for label, arm in LONG_ARMS.items():
+            runs.append(dict(name=f"{label}_s{s}", arg=f"{arm},seed={s}{size}", study="long",
+                             label=label, init=f"sft_s{s}"))
     return runs

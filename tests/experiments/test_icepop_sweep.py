@@ -32,9 +32,12 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs():
         by_study.setdefault(r["study"], {}).setdefault(r["label"], []).append(r)
     assert set(by_study["stability"]) == {"none", "tis", "icepop", "kpop", "r3", "r3_icepop"}
     assert len(by_study["sensitivity"]) == 6 + 3 + 3
-    for study in ("stability", "sensitivity"):
+    assert set(by_study["long"]) == {"none_long", "tis_long", "icepop_long"}
+    long_cfg = experiment.from_config_dict(icepop.get_config("correction=none,long,local"))
+    assert long_cfg.rl.num_steps == 200
+    for study in ("stability", "sensitivity", "long"):
         for label, arm_runs in by_study[study].items():
-            assert len(arm_runs) >= 3, label
+            assert len(arm_runs) >= (1 if study == "long" else 3), label
             assert all(r["init"] in {s["name"] for s in runs if s["study"] == "sft"}
                        for r in arm_runs)
     # Every run's config validates, and the arm's knobs reach the loss / precision.
