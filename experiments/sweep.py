@@ -141,7 +141,8 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
         cells = []
         for key in ["before", "after", "during", "rl_s", "purged"] + curves:
             values = per_seed.get(key, [])
-            if not values:
+            # Runs made before the RL-time clock existed have none: no partial mean.
+            if not values or (key == "rl_s" and len(values) < len(workdirs)):
                 cells.append("–")
             else:
                 digits = 4 if "masked_frac" in key else 1 if key in ("rl_s", "purged") else 3
