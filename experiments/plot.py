@@ -174,8 +174,14 @@ def plot_groups(groups: dict[str, list[str]], out_dir: str, metrics: Sequence[st
         raise ValueError("no metrics to plot (none given, none with a known prefix found)")
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
+    # Up to 10 labels: the default colour cycle; more: 20 distinct colours (tab20).
+    colors = ({label: f"C{i}" for i, label in enumerate(groups_records)}
+              if len(groups_records) <= 10 else None)
     for axis in ("step", "time"):
         plt, fig, axes = _figure(len(metrics))
+        if colors is None:
+            colors = {label: plt.get_cmap("tab20")(i % 20)
+                      for i, label in enumerate(groups_records)}
         for ax, metric in zip(axes, metrics):
             for label, runs in groups_records.items():
                 if axis == "step":
@@ -186,7 +192,8 @@ def plot_groups(groups: dict[str, list[str]], out_dir: str, metrics: Sequence[st
                 if len(x) == 0:
                     continue
                 seeds = f" (n={len(runs)})" if len(runs) > 1 else ""
-                line, = ax.plot(x, mean, label=label + seeds, marker="." if len(x) < 30 else None)
+                line, = ax.plot(x, mean, label=label + seeds, color=colors[label],
+                                marker="." if len(x) < 30 else None)
                 if len(runs) > 1:
                     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_title(metric, fontsize=10)
