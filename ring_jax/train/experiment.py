@@ -56,6 +56,12 @@ class TaskConfig:
         config_lib.check(tasks.is_known(self.name), "name", self.name,
                          f"must be one of {tasks.names()} or gym/<reasoning-gym dataset>")
         config_lib.check_int("num_prompts", self.num_prompts, min_value=1)
+        # Build the task once so its own checks (sizes, file paths, splits) run now, before
+        # anything compiles; an unknown keyword is named with the task's fields.
+        try:
+            tasks.get(self.name, **dict(self.kwargs))
+        except TypeError as e:  # an unknown keyword
+            config_lib.fail("kwargs", dict(self.kwargs), f"not accepted by task {self.name!r}: {e}")
 
 
 @dataclasses.dataclass(frozen=True)

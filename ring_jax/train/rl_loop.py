@@ -58,7 +58,10 @@ def _scheduler_config(cfg: experiment.ExperimentConfig, tokenizer) -> Any:
 
 
 def _eval_records(cfg: experiment.ExperimentConfig, task, tokenizer) -> list[dict[str, Any]]:
-    ds = pipeline.prompt_dataset(task, tokenizer, seed=cfg.seed + cfg.eval.seed_offset,
+    """The held-out evaluation prompts: the task's held-out problems (`Task.held_out`) drawn
+    with the evaluation seed."""
+    ds = pipeline.prompt_dataset(task.held_out(), tokenizer,
+                                 seed=cfg.seed + cfg.eval.seed_offset,
                                  num_prompts=cfg.eval.num_prompts, thinking=cfg.task.thinking)
     return [ds[i] for i in range(len(ds))]
 

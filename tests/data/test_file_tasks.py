@@ -82,7 +82,8 @@ def test_local_jsonl_levels_and_pipeline(tmp_path):
     path = tmp_path / "probs.jsonl"
     rows = [{"q": f"What is {i} + {i}?", "a": str(2 * i), "level": i % 3} for i in range(9)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    task = tasks.get("math", path=str(path), question_key="q", answer_key="a", levels=(1,))
+    task = tasks.get("math", path=str(path), question_key="q", answer_key="a", levels=(1,),
+                     split="all")
     assert task.num_examples == 3
     assert task.sample(0, 0).prompt.startswith("What is 1 + 1?")
     assert task.score(task.sample(0, 0), "</think>\\boxed{2}").reward == 1.0
@@ -92,6 +93,36 @@ def test_local_jsonl_levels_and_pipeline(tmp_path):
         tasks.get("math", path=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match="levels"):
         tasks.get("math", path=str(path), question_key="q", answer_key="a", levels=(7,))
+
+
+def test_file_rows_split_into_disjoint_train_and_held_out_sets(tmp_path):
+    path = tmp_path / "probs.jsonl"
+    rows = [{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(40)]
+    rows += [rows[3], rows[3]]  # duplicates must not straddle the split
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    kw = dict(path=str(path), question_key="q", answer_key="a")
+    train = tasks.get("math", eval_fraction=0.25, **kw)
+    held_out = train.held_out()
+    assert held_out.split == "eval" and train.split == "train"
+    prompts = lambda task: [task.sample(i, 0).prompt for i in range(task.num_examples)]
+    assert set(prompts(train)).isdisjoint(prompts(held_out))
+    assert sorted(prompts(train) + prompts(held_out)) == sorted(
+        prompts(tasks.get("math", split="all", **kw)))
+    assert 9 <= held_out.num_examples <= 12  # round(0.25 · 42) = 10, plus boundary duplicates
+    # Independent of the file's order.
+    path.write_text("\n".join(json.dumps(r) for r in reversed(rows)))
+    assert set(prompts(tasks.get("math", eval_fraction=0.25, **kw).held_out())) == set(
+        prompts(held_out))
+    # The bundled samples hold out at least one row; no split, no held-out rows.
+    assert tasks.get("code").held_out().num_examples >= 1
+    assert tasks.get("math", eval_fraction=0.0, **kw).held_out().num_examples == 42
+    assert tasks.get("addition").held_out() == tasks.get("addition")
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        tasks.get("math", eval_fraction=1.0, **kw)
+    with pytest.raises(ConfigError, match="split"):
+        tasks.get("math", split="test", **kw)
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        tasks.get("math", eval_fraction=0.0, split="eval", **kw)
 
 
 def test_extract_code():

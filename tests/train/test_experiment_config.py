@@ -64,6 +64,10 @@ INVALID = [
     ({"engine_moe_impl": "fast"}, "engine_moe_impl='fast' is invalid"),
     ({"precision.dtype": "fp8"}, "precision.dtype='fp8' is invalid: must be one of"),
     ({"task.name": "chess"}, "task.name='chess' is invalid: must be one of"),
+    ({"task.kwargs.max_size": 0}, "task.max_size=0 is invalid"),
+    ({"task.name": "math"}, "task.kwargs={"),  # the addition kwargs do not fit the math task
+    ({"task.kwargs": {"eval_fraction": 1.0}, "task.name": "math"},
+     "task.eval_fraction=1.0 is invalid"),
     ({"reward.name": "vibes"}, "reward.name='vibes' is invalid: must be one of"),
     ({"checkpoint.best_mode": "up"}, "checkpoint.best_mode='up' is invalid"),
     ({"mesh.expert": 0}, "mesh.expert=0 is invalid"),

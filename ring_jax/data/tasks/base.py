@@ -168,6 +168,12 @@ class Task(abc.ABC):
         return PromptRecord(task=self.name, index=index, seed=seed, prompt=prompt,
                             answer=answer, thoughts=thoughts, metadata=metadata)
 
+    def held_out(self) -> Task:
+        """The task to evaluate on, with problems training does not see. A generated task is
+        its own held-out set: evaluation draws it with another seed (`EvalConfig.seed_offset`);
+        file tasks return their held-out rows."""
+        return self
+
     def score(self, record: PromptRecord | Mapping[str, Any], response_text: str) -> RewardResult:
         try:
             record = PromptRecord.from_mapping(record)
