@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import time
 from typing import Any, Sequence
 
 import jax
@@ -172,8 +173,26 @@ class Engine:
             self._variables = self._prepare(variables, version)
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * config.num_slots
+        self._stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ public API
+
+    def pop_stats(self) -> dict[str, float]:
+        """Work done since the last call, for telling where rollout time goes:
+
+          prefill_calls, prefill_s          prefill programs run and their wall time
+          prefill_tokens                    prompt + earlier-generated tokens prefilled
+          prefill_resumed_tokens            of those, tokens a resumed request had generated
+                                            before (recomputed under the current weights)
+          prefill_padded_tokens             the prefills' bucketed N × T
+          decode_calls, decode_s            decode programs run and their wall time
+          decode_steps                      decode steps (each over every slot)
+          decode_tokens                     tokens they sampled; / (decode_steps × num_slots)
+                                            is the slots' utilisation
+        """
+        out = {k: float(v) for k, v in self._stats.items()}
+        self._stats.clear()
+        return out
 
     def add(self, requests: Sequence[Request]) -> None:
         """Queues requests (resumed ones keep their tokens); all or none (`RequestError`)."""
@@ -364,11 +383,16 @@ class Engine:
             length_N[n] = len(seq)
             slot_N[n] = free[n]
             num_generated_N[n] = r.num_generated
+        start = time.perf_counter()
         with self._mesh_context():
             self._state, out = self._prefill(
                 self._variables, self._state, tokens_NT, length_N, slot_N, num_generated_N,
                 self._sampling_rows(batch, N))
         token_N, logprob_N, expert_ids_LNK, finish_N = jax.device_get(out)
+        self._stats.update(prefill_calls=1, prefill_s=time.perf_counter() - start,
+                           prefill_tokens=int(length_N[:len(batch)].sum()),
+                           prefill_resumed_tokens=int(num_generated_N.sum()),
+                           prefill_padded_tokens=N * T)
         release_B = np.zeros((self.num_slots,), bool)
         for n, r in enumerate(batch):
             slot = _Slot(r)
@@ -386,10 +410,13 @@ class Engine:
 
     def _decode_chunk(self, num_steps: int, finished: list[Request]) -> int:
         """Runs up to ``num_steps`` decode steps; returns the number of tokens generated."""
+        start = time.perf_counter()
         with self._mesh_context():
             self._state, out = self._decode(self._variables, self._state, np.int32(num_steps),
                                             np.bool_(len(self._pending) > 0))
         steps, token_KB, logprob_KB, expert_KLBK, finish_B = jax.device_get(out)
+        self._stats.update(decode_calls=1, decode_s=time.perf_counter() - start,
+                           decode_steps=int(steps), decode_tokens=int((token_KB >= 0).sum()))
         token_KB, logprob_KB = token_KB[:steps], logprob_KB[:steps]
         generated = 0
         release_B = np.zeros((self.num_slots,), bool)

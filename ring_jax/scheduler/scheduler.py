@@ -509,7 +509,10 @@ class Scheduler:
             requests = self._prepare()
         if not requests:
             return False
+        engine_stats = getattr(self._engine, "pop_stats", lambda: {})
+        engine_stats()  # drop work done outside rollouts (an evaluation on the same engine)
         spent, busy, scoring, unfinished = self._generate(requests)
+        engine_work = engine_stats()
         rewards = np.asarray([float(f.result()[0]) for _, f in scoring], np.float32)
         infos = [f.result()[1] for _, f in scoring]
         if self._broadcast_fn is not None:
@@ -551,6 +554,8 @@ class Scheduler:
             m.add("rollout/engine_busy_s", busy)
             m.add("rollout/engine_idle_s", wall - busy)
             m.add("rollout/phase_s", wall)
+            for key, value in engine_work.items():  # `Engine.pop_stats`
+                m.add(f"rollout/engine/{key}", value)
             m.add("sched/responses_finished", len(scoring))
             m.add("sched/responses_carried", len(unfinished))
             m.add("sched/groups_completed", len(completed))

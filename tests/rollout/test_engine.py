@@ -157,6 +157,33 @@ def test_load_weights_reprefills_in_flight_requests(fresh, ref_forward, tiny_var
         np.testing.assert_array_equal(got[w.request_id].versions[p.num_generated:], 1)
 
 
+def test_stats_count_prefill_and_decode_work(fresh):
+    fresh.pop_stats()
+    requests = make_requests(6, sampled=False)
+    got = run_to_end(fresh, requests)
+    stats = fresh.pop_stats()
+    assert fresh.pop_stats() == {}
+    # Every request is prefilled once (sampling its first token), then decoded.
+    assert stats["prefill_tokens"] == sum(len(r.prompt_tokens) for r in requests)
+    assert stats["prefill_resumed_tokens"] == 0
+    assert stats["prefill_padded_tokens"] >= stats["prefill_tokens"]
+    assert sum(r.num_generated for r in got.values()) == len(requests) + stats["decode_tokens"]
+    assert 0 < stats["decode_tokens"] <= stats["decode_steps"] * fresh.num_slots
+    assert stats["decode_calls"] >= 1 and stats["prefill_calls"] >= 2  # 6 requests, 4 slots
+    assert stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    # A resumed request re-prefills its prompt and the tokens it already has.
+    fresh.add(make_requests(7, sampled=False))
+    fresh.step(token_budget=12)
+    partial = [r for r in fresh.drain() if r.num_generated]
+    fresh.pop_stats()
+    fresh.add(partial)
+    run_to_end(fresh, [])
+    stats = fresh.pop_stats()
+    assert stats["prefill_resumed_tokens"] == sum(r.num_generated for r in partial) > 0
+    assert stats["prefill_tokens"] == sum(len(r.prompt_tokens) + r.num_generated
+                                          for r in partial)
+
+
 def test_sequences_stop_at_max_len(fresh):
     prompt = np.arange(MAX_LEN - 3, dtype=np.int32)
     r = Request("long", prompt, SamplingParams(greedy=True, max_new_tokens=100))

@@ -44,3 +44,31 @@ def test_c3po_accounting_by_hand():
         assert m["sched/total/trained_responses"] == 2
         assert m["sched/total/generated_tokens"] == 20
         assert engine.loaded_versions == [1]
+
+
+class _CountingEngine(testing.FakeEngine):
+    """A fake engine that reports work like `Engine.pop_stats`: one unit per step call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.work = 0.0
+
+    def step(self, token_budget=None):
+        self.work += 1.0
+        return super().step(token_budget)
+
+    def pop_stats(self):
+        out, self.work = {"decode_calls": self.work}, 0.0
+        return out
+
+
+def test_engine_stats_of_rollouts_only_reach_the_metrics():
+    config = SchedulerConfig(mode="sync", group_size=1, batch_size=1, max_seq_len=32,
+                             sampling=SamplingParams(max_new_tokens=16), step_chunk_tokens=4)
+    engine = _CountingEngine(1, lambda r: 10)
+    with Scheduler(config, engine, testing.prompt_records(2), lambda rec, req: (1.0, {}),
+                   testing.grpo_advantages) as sched:
+        engine.work = 100.0  # e.g. an evaluation that ran on the same engine
+        sched.next_batch()
+        # 10 tokens in chunks of 4: three step calls, and only those.
+        assert sched.pop_metrics()["rollout/engine/decode_calls"] == 3.0
