@@ -42,8 +42,13 @@ On a 2-core CPU the engine and the trainer share the cores, so async cannot over
 with training there, and every wall-clock figure depends on the machine's load: compare arms of
 the same seed (run back to back) and read the ratios, not the absolute seconds.
 """
-import ml_collections
+import json
+import os
 
+import ml_collections
+import numpy as np
+
+from ring_jax.train import metrics as metrics_lib
 from ring_jax.train.experiment import complete, model_section
 
 SEEDS = (0, 1, 2)
@@ -137,3 +142,67 @@ def get_sweep(arg: str = "") -> list[dict]:
                                  arg=f"{STUDIES['modes'].get(shared, arm)},seed={s}{size}",
                                  study=study, label=label, init=f"sft_s{s}"))
     return runs
+
+
+# Per-step work of a run (steps 2-60), from its metrics.jsonl: (column header, how to get it
+# from the per-step sums ``t`` (metric -> sum over the steps) and the step count ``n``).
+WORK_COLUMNS = (
+    ("end to end s/step", lambda t, n, slots: t["perf/step_s"] / n),
+    ("trainer waits for rollouts s/step", lambda t, n, slots: t["perf/rollout_s"] / n),
+    ("train s/step", lambda t, n, slots: t["perf/train_s"] / n),
+    ("rollout wait / train", lambda t, n, slots: t["perf/rollout_s"] / t["perf/train_s"]),
+    ("engine prefill s/step", lambda t, n, slots: t["rollout/engine/prefill_s"] / n),
+    ("engine decode s/step", lambda t, n, slots: t["rollout/engine/decode_s"] / n),
+    ("decode steps/step", lambda t, n, slots: t["rollout/engine/decode_steps"] / n),
+    ("slot use %", lambda t, n, slots: 100 * t["rollout/engine/decode_tokens"] / max(
+        t["rollout/engine/decode_steps"] * slots, 1)),
+    ("prefilled tokens/step", lambda t, n, slots: t["rollout/engine/prefill_tokens"] / n),
+    ("of which re-prefilled", lambda t, n, slots: t["rollout/engine/prefill_resumed_tokens"] / n),
+    ("generated tokens/step", lambda t, n, slots: t["rollout/tokens_generated"] / n),
+    ("trained tokens/step", lambda t, n, slots: t["rl/response_tokens"] / n),
+)
+
+
+_KEYS = ("perf/step_s", "perf/rollout_s", "perf/train_s", "rollout/engine/prefill_s",
+         "rollout/engine/decode_s", "rollout/engine/decode_steps", "rollout/engine/decode_tokens",
+         "rollout/engine/prefill_tokens", "rollout/engine/prefill_resumed_tokens",
+         "rollout/tokens_generated", "rl/response_tokens")
+
+
+def _work(workdir: str) -> list[float]:
+    """The WORK_COLUMNS of one run."""
+    records = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+               if r.get("step", 0) >= 2]  # step 1 compiles the train step
+    totals = dict.fromkeys(_KEYS, 0.0)
+    for r in records:  # a metric missing from a step (no rollout iteration in it) counts 0
+        for key in _KEYS:
+            if isinstance(r.get(key), (int, float)):
+                totals[key] += float(r[key])
+    with open(os.path.join(workdir, metrics_lib.CONFIG_FILE)) as f:
+        slots = json.load(f)["engine"]["num_slots"]
+    return [fn(totals, max(len(records), 1), slots) for _, fn in WORK_COLUMNS]
+
+
+def extra_table(groups: dict[str, list[str]]) -> str:
+    """Where each arm's time goes (sweep.py appends it to table.md): per-step means over steps
+    2-60 of each seed, then mean ± std over seeds; with a "sync" arm, each arm's end-to-end
+    speed-up over sync of the same seed (arms of one seed run back to back, so they share the
+    machine's load more than arms of different seeds)."""
+    work = {label: [_work(w) for w in dirs] for label, dirs in groups.items()}
+    sync = {os.path.basename(w).rsplit("_s", 1)[1]: _work(w)[0]
+            for w in groups.get("sync", [])}
+    header = ["arm", "seeds"] + [name for name, _ in WORK_COLUMNS] + (
+        ["end-to-end speed-up over sync"] if sync else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, rows in work.items():
+        values = np.asarray(rows)
+        cells = [f"{m:.3g} ± {sd:.2g}" if len(rows) > 1 else f"{m:.3g}"
+                 for m, sd in zip(values.mean(0), values.std(0))]
+        if sync:
+            speedups = [sync[os.path.basename(w).rsplit("_s", 1)[1]] / row[0]
+                        for w, row in zip(groups[label], rows)
+                        if os.path.basename(w).rsplit("_s", 1)[1] in sync]
+            cells.append(f"{np.mean(speedups):.2f} ± {np.std(speedups):.2f}" if speedups
+                         else "–")
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
@@ -42,15 +42,17 @@ STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "train/grad_norm",
 
 def load_sweep(config: str) -> tuple[str, list[dict], dict]:
     """'FILE:SIZE' -> (FILE, FILE's get_sweep(SIZE), how to report it). FILE may set
-    ``STUDY_METRICS`` (the curves drawn and tabulated), ``TIME_KEY`` (the wall-clock axis) and
-    ``TABLE_LAST`` (steps averaged per seed in table.md); defaults: study 2's."""
+    ``STUDY_METRICS`` (the curves drawn and tabulated), ``TIME_KEY`` (the wall-clock axis),
+    ``TABLE_LAST`` (steps averaged per seed in table.md) and ``extra_table(groups) -> str``
+    (markdown appended to table.md); defaults: study 2's."""
     path, _, size = config.partition(":")
     spec = importlib.util.spec_from_file_location("_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     report = dict(metrics=getattr(module, "STUDY_METRICS", STUDY_METRICS),
                   time_key=getattr(module, "TIME_KEY", "time/elapsed_s"),
-                  last=getattr(module, "TABLE_LAST", 10))
+                  last=getattr(module, "TABLE_LAST", 10),
+                  extra_table=getattr(module, "extra_table", None))
     return path, module.get_sweep(size), report
 
 
@@ -154,7 +156,8 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
 
 def plot_studies(runs: list[dict], root: str, figures: str,
                  metrics: Sequence[str] = STUDY_METRICS, window: int = 1,
-                 time_key: str = "time/elapsed_s", last: int = 10) -> list[str]:
+                 time_key: str = "time/elapsed_s", last: int = 10,
+                 extra_table: Callable[[dict[str, list[str]]], str] | None = None) -> list[str]:
     """One figure set and table.md per study under <figures>/<study>/; returns the table.md
     paths."""
     summaries = []
@@ -170,6 +173,8 @@ def plot_studies(runs: list[dict], root: str, figures: str,
             summaries.append(os.path.join(out_dir, "table.md"))
             with open(summaries[-1], "w") as f:
                 f.write(final_table(groups, last=last, metrics=metrics))
+                if extra_table is not None:
+                    f.write("\n" + extra_table(groups))
     return summaries
 
 

@@ -80,5 +80,11 @@ def test_sync_and_c3po_run_through_the_sweep(tmp_path):
         config = json.load(open(root / name / "config.json"))
         assert config["scheduler"]["mode"] == name[:-3]
     assert (figures / "modes" / "curves_vs_time.png").exists()
-    table = (figures / "modes" / "table.md").read_text().splitlines()
+    text = (figures / "modes" / "table.md").read_text()
+    table, work = text.split("\n\n")[0].splitlines(), text.split("\n\n")[1].splitlines()
     assert "RL s" in table[0] and "purged %" in table[0] and len(table) == 4
+    # The work table: the sync arm is 1.00x itself; every cell is a number.
+    assert "speed-up over sync" in work[0] and len(work) == 4
+    sync_row = next(line for line in work if line.startswith("| sync |"))
+    assert sync_row.rstrip(" |").endswith("1.00 ± 0.00")
+    assert "nan" not in text and "–" not in "".join(work[2:])
