@@ -61,12 +61,15 @@ STUDIES = {
 # Arms at the defaults are the "modes" study's c3po runs: same workdir, run once.
 SAME_AS = {f"c3po_phi{DEFAULT_PHI}": "c3po", f"c3po_sigma{DEFAULT_SIGMA}": "c3po"}
 # How sweep.py reports this study: these curves, against the seconds spent in RL steps (no
-# start-up, no evaluation), and table.md averaging steps 2-60 (step 1 compiles the train step).
+# start-up, no evaluation), and table.md averaging the second half of the run, steps 31-60: the
+# engine compiles a prefill program for each new (rows, length) bucket the first time it meets
+# it, and C3PO++'s refills meet many more buckets than sync's one batch-sized prefill, so the
+# first steps' times are mostly compilation.
 STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_s",
                  "perf/step_s", "perf/trained_tokens_per_s", "rl/response_tokens",
                  "sched/versions_spanned_mean", "mismatch/masked_frac")
 TIME_KEY = "time/rl_s"
-TABLE_LAST = 59
+TABLE_LAST = 30
 
 
 def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
@@ -144,8 +147,9 @@ def get_sweep(arg: str = "") -> list[dict]:
     return runs
 
 
-# Per-step work of a run (steps 2-60), from its metrics.jsonl: (column header, how to get it
-# from the per-step sums ``t`` (metric -> sum over the steps) and the step count ``n``).
+# Per-step work of a run over its last TABLE_LAST steps, from its metrics.jsonl: (column
+# header, how to get it from the sums ``t`` (metric -> sum over those steps), the step count
+# ``n`` and the engine's number of slots).
 WORK_COLUMNS = (
     ("end to end s/step", lambda t, n, slots: t["perf/step_s"] / n),
     ("trainer waits for rollouts s/step", lambda t, n, slots: t["perf/rollout_s"] / n),
@@ -156,6 +160,7 @@ WORK_COLUMNS = (
     ("decode steps/step", lambda t, n, slots: t["rollout/engine/decode_steps"] / n),
     ("slot use %", lambda t, n, slots: 100 * t["rollout/engine/decode_tokens"] / max(
         t["rollout/engine/decode_steps"] * slots, 1)),
+    ("prefill calls/step", lambda t, n, slots: t["rollout/engine/prefill_calls"] / n),
     ("prefilled tokens/step", lambda t, n, slots: t["rollout/engine/prefill_tokens"] / n),
     ("of which re-prefilled", lambda t, n, slots: t["rollout/engine/prefill_resumed_tokens"] / n),
     ("generated tokens/step", lambda t, n, slots: t["rollout/tokens_generated"] / n),
@@ -166,13 +171,15 @@ WORK_COLUMNS = (
 _KEYS = ("perf/step_s", "perf/rollout_s", "perf/train_s", "rollout/engine/prefill_s",
          "rollout/engine/decode_s", "rollout/engine/decode_steps", "rollout/engine/decode_tokens",
          "rollout/engine/prefill_tokens", "rollout/engine/prefill_resumed_tokens",
+         "rollout/engine/prefill_calls",
          "rollout/tokens_generated", "rl/response_tokens")
 
 
 def _work(workdir: str) -> list[float]:
     """The WORK_COLUMNS of one run."""
-    records = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-               if r.get("step", 0) >= 2]  # step 1 compiles the train step
+    records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    last_step = max(r.get("step", 0) for r in records)
+    records = [r for r in records if r.get("step", 0) > last_step - TABLE_LAST]
     totals = dict.fromkeys(_KEYS, 0.0)
     for r in records:  # a metric missing from a step (no rollout iteration in it) counts 0
         for key in _KEYS:
@@ -184,10 +191,10 @@ def _work(workdir: str) -> list[float]:
 
 
 def extra_table(groups: dict[str, list[str]]) -> str:
-    """Where each arm's time goes (sweep.py appends it to table.md): per-step means over steps
-    2-60 of each seed, then mean ± std over seeds; with a "sync" arm, each arm's end-to-end
-    speed-up over sync of the same seed (arms of one seed run back to back, so they share the
-    machine's load more than arms of different seeds)."""
+    """Where each arm's time goes (sweep.py appends it to table.md): per-step means over the
+    last TABLE_LAST steps of each seed, then mean ± std over seeds; with a "sync" arm, each
+    arm's end-to-end speed-up over sync of the same seed (arms of one seed run back to back, so
+    they share the machine's load more than arms of different seeds)."""
     work = {label: [_work(w) for w in dirs] for label, dirs in groups.items()}
     sync = {os.path.basename(w).rsplit("_s", 1)[1]: _work(w)[0]
             for w in groups.get("sync", [])}
