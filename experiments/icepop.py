@@ -92,10 +92,10 @@ CALIBRATION_ARMS = {
     "none_noise2": "correction=none,noise=2",
 }
 # Study 2 over 200 RL steps (5x the "local" length; the IcePop blog's uncorrected runs
-# collapsed after ~180-200 steps), one seed.
+# collapsed after ~180-200 steps).
 LONG_ARMS = {"none_long": "correction=none,long", "tis_long": "correction=tis,long",
              "icepop_long": "correction=icepop,long"}
-LONG_SEEDS = (0,)
+LONG_SEEDS = SEEDS
 
 
 def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
