@@ -192,24 +192,22 @@ def _work(workdir: str) -> list[float]:
 
 def extra_table(groups: dict[str, list[str]]) -> str:
     """Where each arm's time goes (sweep.py appends it to table.md): per-step means over the
-    last TABLE_LAST steps of each seed, then mean ± std over seeds; with a "sync" arm, each
-    arm's end-to-end speed-up over sync of the same seed (arms of one seed run back to back, so
-    they share the machine's load more than arms of different seeds)."""
-    work = {label: [_work(w) for w in dirs] for label, dirs in groups.items()}
-    sync = {os.path.basename(w).rsplit("_s", 1)[1]: _work(w)[0]
-            for w in groups.get("sync", [])}
-    header = ["arm", "seeds"] + [name for name, _ in WORK_COLUMNS] + (
-        ["end-to-end speed-up over sync"] if sync else [])
+    last TABLE_LAST steps of each seed, then mean ± std over seeds, and each arm's end-to-end
+    speed-up over the sync run of the same seed beside it (``sync_s<seed>``; arms of one seed
+    run back to back, so they share the machine's load more than arms of different seeds)."""
+    header = ["arm", "seeds"] + [name for name, _ in WORK_COLUMNS] + [
+        "end-to-end speed-up over sync"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, rows in work.items():
-        values = np.asarray(rows)
+    for label, workdirs in groups.items():
+        rows = np.asarray([_work(w) for w in workdirs])
         cells = [f"{m:.3g} ± {sd:.2g}" if len(rows) > 1 else f"{m:.3g}"
-                 for m, sd in zip(values.mean(0), values.std(0))]
-        if sync:
-            speedups = [sync[os.path.basename(w).rsplit("_s", 1)[1]] / row[0]
-                        for w, row in zip(groups[label], rows)
-                        if os.path.basename(w).rsplit("_s", 1)[1] in sync]
-            cells.append(f"{np.mean(speedups):.2f} ± {np.std(speedups):.2f}" if speedups
-                         else "–")
+                 for m, sd in zip(rows.mean(0), rows.std(0))]
+        speedups = []
+        for workdir, row in zip(workdirs, rows):
+            seed = os.path.basename(os.path.normpath(workdir)).rsplit("_s", 1)[1]
+            sync = os.path.join(os.path.dirname(os.path.normpath(workdir)), f"sync_s{seed}")
+            if os.path.exists(os.path.join(sync, "metrics.jsonl")):
+                speedups.append(_work(sync)[0] / row[0])
+        cells.append(f"{np.mean(speedups):.2f} ± {np.std(speedups):.2f}" if speedups else "–")
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
