@@ -38,9 +38,13 @@ Args (comma-separated after ':'):
   local                    the CPU size used for REPRODUCING.md
   smoke                    a tiny run for the end-to-end test (learns nothing)
 
-On a 2-core CPU the engine and the trainer share the cores, so async cannot overlap generation
-with training there, and every wall-clock figure depends on the machine's load: compare arms of
-the same seed (run back to back) and read the ratios, not the absolute seconds.
+Expected (measured at ``local``, 3 seeds; experiments/REPRODUCING.md "Study 4"): C3PO++ cuts
+decode steps ~3x and keeps every slot busy, but on a 2-core CPU re-prefilling the responses it
+carries over costs as much as that saves, so it is level with sync end to end; async (k = 1)
+overlaps generation with the train step on the second core, ~1.3x; σ_max = 1-2 purges 15-35%
+of the responses, the long ones. Every wall-clock figure depends on the machine's load: compare
+arms of the same seed (run back to back) and read the ratios, not the absolute seconds. ~31 min
+for all three studies on a quiet 2-core CPU.
 """
 import json
 import os
