@@ -107,9 +107,9 @@ def final_table(groups: dict[str, list[str]], last: int = 10,
     """Markdown table: per label, eval/pass@1 at the first and last evaluation (and averaged
     over the evaluations after the first), the seconds spent in RL steps (``time/rl_s``: no
     start-up, no evaluation), the % of finished responses purged for staleness, and each other
-    metric averaged over each seed's last ``last``
-    steps (a per-step curve is noisy), then mean ± std over seeds. A metric a run never logged
-    (e.g. the masked-token entropy of an arm that masks nothing) is "–"."""
+    metric averaged over each seed's last ``last`` steps (a per-step curve is noisy), then
+    mean ± std over seeds. A metric a run never logged (e.g. the masked-token entropy of an arm
+    that masks nothing) is "–"."""
     curves = [m for m in metrics if m != "eval/pass@1"]
     header = ["arm", "seeds", "pass@1 before RL", "pass@1 after RL",
               "pass@1 mean of RL evals", "RL s", "purged %"] + [
