@@ -144,7 +144,9 @@ class StepOutput:
 
 class EngineProtocol(Protocol):
     """What a scheduler needs from an engine. `ring_jax.rollout.Engine` implements it; tests use
-    a fake with scripted response lengths."""
+    a fake with scripted response lengths. An engine may also offer ``pop_stats() -> dict[str,
+    float]`` (work done since the last call, as `Engine.pop_stats`); the scheduler then logs a
+    rollout's share as ``rollout/engine/<name>``."""
 
     num_slots: int
     version: int
