@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from ring_jax.train import metrics as metrics_lib
-from ring_jax.train.experiment import complete, model_section
+from ring_jax.train.experiment import complete, model_section, parse_config_arg
 
 SEEDS = (0, 1, 2)
 DEFAULT_PHI, DEFAULT_SIGMA = 1024, 4
@@ -76,24 +76,9 @@ TIME_KEY = "time/rl_s"
 TABLE_LAST = 30
 
 
-def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
-    flags, values = set(), {}
-    for item in filter(None, arg.split(",")):
-        key, sep, value = item.partition("=")
-        if sep:
-            values[key] = value
-        else:
-            flags.add(key)
-    return flags, values
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = _parse(arg)
     known_flags, known_values = {"sft", "local", "smoke"}, {"mode", "phi", "sigma", "k", "seed"}
-    unknown = (flags - known_flags) | (set(values) - known_values)
-    if unknown:
-        raise ValueError(f"unknown args {sorted(unknown)}; flags: {sorted(known_flags)}, "
-                         f"key=value: {sorted(known_values)}")
+    flags, values = parse_config_arg(arg, known_flags, known_values)
     c = ml_collections.ConfigDict()
     c.seed = int(values.get("seed", 0))
     c.model = model_section("tiny", moe_impl="capacity")

@@ -58,7 +58,7 @@ hardware, raise ``rl.num_steps`` and the model preset on the command line.
 """
 import ml_collections
 
-from ring_jax.train.experiment import complete, model_section
+from ring_jax.train.experiment import complete, model_section, parse_config_arg
 
 SEEDS = (0, 1, 2)
 # Study 2: the four corrections, then router replay alone and with IcePop.
@@ -98,17 +98,6 @@ LONG_ARMS = {"none_long": "correction=none,long", "tis_long": "correction=tis,lo
 LONG_SEEDS = SEEDS
 
 
-def _parse(arg: str) -> tuple[set[str], dict[str, str]]:
-    flags, values = set(), {}
-    for item in filter(None, arg.split(",")):
-        key, sep, value = item.partition("=")
-        if sep:
-            values[key] = value
-        else:
-            flags.add(key)
-    return flags, values
-
-
 def _masked_in_denominator(value: str) -> bool:
     if value not in ("kept", "removed"):
         raise ValueError(f"masked={value!r}: must be 'kept' or 'removed'")
@@ -116,14 +105,10 @@ def _masked_in_denominator(value: str) -> bool:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = _parse(arg)
     known_flags = {"r3", "nofp8", "fp32", "sft", "local", "long", "smoke"}
     known_values = {"correction", "seed", "alpha", "beta", "phi", "cap", "aggregation", "noise",
                     "masked"}
-    unknown = (flags - known_flags) | (set(values) - known_values)
-    if unknown:
-        raise ValueError(f"unknown args {sorted(unknown)}; flags: {sorted(known_flags)}, "
-                         f"key=value: {sorted(known_values)}")
+    flags, values = parse_config_arg(arg, known_flags, known_values)
     c = ml_collections.ConfigDict()
     c.seed = int(values.get("seed", 0))
     c.model = model_section("tiny", moe_impl="capacity")

@@ -261,6 +261,24 @@ def complete(cd: Any) -> Any:
     return ml_collections.ConfigDict(full)
 
 
+def parse_config_arg(arg: str, known_flags: set[str], known_values: set[str]
+                     ) -> tuple[set[str], dict[str, str]]:
+    """A config file's ``FILE:ARG`` string, comma-separated flags and key=value pairs
+    ("correction=tis,seed=1,local"), as (flags, values); an unknown name raises ValueError."""
+    flags, values = set(), {}
+    for item in filter(None, arg.split(",")):
+        key, sep, value = item.partition("=")
+        if sep:
+            values[key] = value
+        else:
+            flags.add(key)
+    unknown = (flags - known_flags) | (set(values) - known_values)
+    if unknown:
+        raise ValueError(f"unknown args {sorted(unknown)}; flags: {sorted(known_flags)}, "
+                         f"key=value: {sorted(known_values)}")
+    return flags, values
+
+
 def model_section(preset: str, **overrides) -> dict[str, Any]:
     """A config file's ``model`` section: every `ModelConfig` field of ``preset`` (so any of them
     can be overridden on the command line, ``--config.model.hidden_size=128``) plus the
