@@ -187,8 +187,15 @@ def extra_table(groups: dict[str, list[str]]) -> str:
     header = ["arm", "seeds"] + [name for name, _ in WORK_COLUMNS] + [
         "end-to-end speed-up over sync"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cache: dict[str, list[float]] = {}  # each run's metrics.jsonl is read once
+
+    def work(workdir: str) -> list[float]:
+        if workdir not in cache:
+            cache[workdir] = _work(workdir)
+        return cache[workdir]
+
     for label, workdirs in groups.items():
-        rows = np.asarray([_work(w) for w in workdirs])
+        rows = np.asarray([work(os.path.normpath(w)) for w in workdirs])
         cells = [f"{m:.3g} ± {sd:.2g}" if len(rows) > 1 else f"{m:.3g}"
                  for m, sd in zip(rows.mean(0), rows.std(0))]
         speedups = []
@@ -196,7 +203,7 @@ def extra_table(groups: dict[str, list[str]]) -> str:
             seed = os.path.basename(os.path.normpath(workdir)).rsplit("_s", 1)[1]
             sync = os.path.join(os.path.dirname(os.path.normpath(workdir)), f"sync_s{seed}")
             if os.path.exists(os.path.join(sync, "metrics.jsonl")):
-                speedups.append(_work(sync)[0] / row[0])
+                speedups.append(work(sync)[0] / row[0])
         cells.append(f"{np.mean(speedups):.2f} ± {np.std(speedups):.2f}" if speedups else "–")
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
