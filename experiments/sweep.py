@@ -28,7 +28,9 @@ import sys
 import time
 from typing import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# plot.py beside this file, and the repository root (config files import experiments.common).
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 import numpy as np  # noqa: E402
 import plot  # noqa: E402  (experiments/plot.py, beside this file)
 
