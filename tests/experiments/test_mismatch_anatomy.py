@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
