@@ -100,8 +100,9 @@ def register_correction(name: str, params: Mapping[str, Any] | None = None
     default), checked against ``LossConfig.correction_params`` when the config is built.
 
     The contract (checked for every registered correction by tests/rl/test_losses.py): jittable
-    and elementwise-safe on any log k (masked tokens may carry ±50); weight_BT ≥ 0 and 0 where
-    keep_BT is False; c(k=1) = 1, so when the engines agree the loss is plain GRPO's.
+    and finite on any log k (masked tokens may carry ±50); weight_BT ≥ 0 and 0 where keep_BT
+    is False; row-local (a row's verdict depends on that row only, so micro-batches are exact);
+    c(k=1) = 1, so when the engines agree the loss is plain GRPO's.
     """
     return _CORRECTIONS.register(name, params)
 
