@@ -9,6 +9,7 @@ import pytest
 
 from ring_jax import config as config_lib
 from ring_jax.rl import losses, registry
+from ring_jax.train import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,17 +111,22 @@ def _validate_only(fork_dir, *overrides):
 
 
 def test_validate_only_catches_a_fork_parameter_typo(fork_module):
-    """From the command line: the typo fails in validation, with the dotted field; the right
-    spelling validates (and nothing is written to the workdir)."""
-    correction = "--config.rl.loss.correction=fork_masks:band"
-    typo = _validate_only(fork_module, correction,
+    """From the command line (one subprocess: the typo fails in validation with the dotted
+    field, and nothing is written to the workdir)."""
+    typo = _validate_only(fork_module, "--config.rl.loss.correction=fork_masks:band",
                           "--config.rl.loss.correction_params=(('tua', 0.5),)")
     assert typo.returncode != 0
     assert typo.stderr.strip().splitlines()[-1] == (
         "invalid config: rl.loss.correction_params.tua is not a parameter of correction "
         "'fork_masks:band'; its parameters: ['tau', 'two_sided']")
-    good = _validate_only(fork_module, correction,
-                          "--config.rl.loss.correction_params=(('tau', 0.5),)")
-    assert good.returncode == 0, good.stderr[-2000:]
-    assert "correction_params=(('tau', 0.5), ('two_sided', True))" in good.stdout
     assert not (fork_module / "run").exists()
+
+
+def test_a_study_config_with_a_forked_correction_validates(fork_module, experiment_file):
+    c = experiment_file("quickstart").get_config("smoke")
+    c.rl.loss.correction = "fork_masks:band"
+    c.rl.loss.correction_params = (("tau", 0.5),)  # what the command line above sets
+    cfg = experiment.from_config_dict(c)
+    assert cfg.rl.loss.correction_params == (("tau", 0.5), ("two_sided", True))
+    assert experiment.to_dict(cfg)["rl"]["loss"]["correction_params"] == (
+        ("tau", 0.5), ("two_sided", True))  # config.json records the defaults too
