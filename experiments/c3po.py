@@ -52,8 +52,9 @@ import os
 import ml_collections
 import numpy as np
 
+from experiments import common
 from ring_jax.train import metrics as metrics_lib
-from ring_jax.train.experiment import complete, model_section, parse_config_arg
+from ring_jax.train.experiment import complete, parse_config_arg
 
 SEEDS = (0, 1, 2)
 DEFAULT_PHI, DEFAULT_SIGMA = 1024, 4
@@ -79,41 +80,24 @@ TABLE_LAST = 30
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     known_flags, known_values = {"sft", "local", "smoke"}, {"mode", "phi", "sigma", "k", "seed"}
     flags, values = parse_config_arg(arg, known_flags, known_values)
-    c = ml_collections.ConfigDict()
+    c = common.base_config()
     c.seed = int(values.get("seed", 0))
-    c.model = model_section("tiny", moe_impl="capacity")
-    c.task = dict(name="addition",
-                  kwargs=dict(min_size=1, max_size=12, size_tail=1.5, show_steps=True),
-                  num_prompts=100_000, tokenizer="byte", thinking=True)
-    c.sft = dict(seq_len=192, batch_size=16, num_steps=400, log_every=50)
-    c.sft_optim = dict(learning_rate=3e-3, warmup_steps=20, clip_norm=1.0)
-    c.rl = dict(num_steps=60, num_minibatches=2, router_bias_rate=1e-3, logprob_chunk=64,
-                advantage=dict(estimator="grpo"),
-                loss=dict(correction="icepop", alpha=0.5, beta=5.0, eps_low=0.2,
-                          eps_high=0.28, aggregation="seq_mean_token_mean"),
-                optim=dict(learning_rate=2e-4, warmup_steps=5, clip_norm=1.0))
-    c.scheduler = dict(mode=values.get("mode", "c3po"), group_size=8, batch_size=32,
-                       max_seq_len=176, token_budget=int(values.get("phi", DEFAULT_PHI)),
+    c.task.kwargs = dict(min_size=1, max_size=12, size_tail=1.5, show_steps=True)
+    c.sft.update(seq_len=192, num_steps=400)
+    c.rl.num_steps = 60
+    c.rl.optim.learning_rate = 2e-4
+    c.scheduler.update(mode=values.get("mode", "c3po"), batch_size=32, max_seq_len=176,
+                       token_budget=int(values.get("phi", DEFAULT_PHI)),
                        sigma_max=int(values.get("sigma", DEFAULT_SIGMA)),
-                       max_staleness=int(values.get("k", 1)), max_active_requests=64,
-                       step_chunk_tokens=256, num_reward_workers=2,
-                       sampling=dict(temperature=1.0, max_new_tokens=128))
-    c.engine = dict(num_slots=32, max_len=176, decode_chunk=8)
-    c.engine_moe_impl = "capacity"
-    c.precision = dict(dtype="bfloat16")
-    c.reward = dict(name="task")
-    c.eval = dict(every=10, num_prompts=48, num_samples=2)
-    c.checkpoint = dict(save_every=20, max_to_keep=1)
-    c.mesh = dict(data=-1)
-    c.init_from = ""  # sweep.py points this at the seed's SFT workdir (and sets sft.num_steps=0)
+                       max_staleness=int(values.get("k", 1)), max_active_requests=64)
+    c.scheduler.sampling.max_new_tokens = 128
+    c.engine.max_len = 176
+    c.eval.update(every=10, num_prompts=48, num_samples=2)
+    c.checkpoint.update(save_every=20, max_to_keep=1)
+    # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:
-        c.sft.num_steps, c.rl.num_steps = 4, 3
-        c.scheduler.update(group_size=4, batch_size=8, token_budget=min(
-            c.scheduler.token_budget, 128), max_active_requests=16)
-        c.scheduler.sampling.max_new_tokens = 24
-        c.rl.num_minibatches = 1
-        c.eval.update(every=2, num_prompts=4, num_samples=2)
-        c.checkpoint.save_every = 1
+        common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),
+                               max_new_tokens=24)
     if "sft" in flags:
         c.rl.num_steps = 0
     # "local" is the default size here; the flag is accepted so sweep.py's FILE:SIZE works.

@@ -58,7 +58,8 @@ hardware, raise ``rl.num_steps`` and the model preset on the command line.
 """
 import ml_collections
 
-from ring_jax.train.experiment import complete, model_section, parse_config_arg
+from experiments import common
+from ring_jax.train.experiment import complete, parse_config_arg
 
 SEEDS = (0, 1, 2)
 # Study 2: the four corrections, then router replay alone and with IcePop.
@@ -109,43 +110,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     known_values = {"correction", "seed", "alpha", "beta", "phi", "cap", "aggregation", "noise",
                     "masked"}
     flags, values = parse_config_arg(arg, known_flags, known_values)
-    c = ml_collections.ConfigDict()
+    c = common.base_config()
     c.seed = int(values.get("seed", 0))
-    c.model = model_section("tiny", moe_impl="capacity")
-    c.task = dict(name="addition", kwargs=dict(min_size=2, max_size=2, show_steps=True),
-                  num_prompts=100_000, tokenizer="byte", thinking=True)
-    c.sft = dict(seq_len=128, batch_size=16, num_steps=300, log_every=50)
-    c.sft_optim = dict(learning_rate=3e-3, warmup_steps=20, clip_norm=1.0)
-    c.rl = dict(num_steps=200, num_minibatches=2, router_bias_rate=1e-3, logprob_chunk=64,
-                router_replay="r3" in flags,
-                advantage=dict(estimator="grpo"),
-                loss=dict(correction=values.get("correction", "icepop"),
-                          alpha=float(values.get("alpha", 0.5)),
-                          beta=float(values.get("beta", 5.0)),
-                          kpop_phi=float(values.get("phi", 0.5)),
-                          tis_cap=float(values.get("cap", 2.0)),
-                          eps_low=0.2, eps_high=0.28,
-                          aggregation=values.get("aggregation", "seq_mean_token_mean"),
-                          masked_in_denominator=_masked_in_denominator(
-                              values.get("masked", "kept"))),
-                optim=dict(learning_rate=1e-4, warmup_steps=5, clip_norm=1.0))
-    c.scheduler = dict(mode="c3po", group_size=8, batch_size=64, max_seq_len=96,
-                       token_budget=512, sigma_max=2, max_active_requests=96,
-                       step_chunk_tokens=256, num_reward_workers=2,
-                       sampling=dict(temperature=1.0, max_new_tokens=40))
-    c.engine = dict(num_slots=32, max_len=96, decode_chunk=8, record_expert_ids="r3" in flags)
-    c.engine_moe_impl = "capacity"
+    c.rl.router_replay = "r3" in flags
+    c.rl.loss.update(correction=values.get("correction", "icepop"),
+                     alpha=float(values.get("alpha", 0.5)),
+                     beta=float(values.get("beta", 5.0)),
+                     kpop_phi=float(values.get("phi", 0.5)),
+                     tis_cap=float(values.get("cap", 2.0)),
+                     aggregation=values.get("aggregation", "seq_mean_token_mean"),
+                     masked_in_denominator=_masked_in_denominator(values.get("masked", "kept")))
+    c.engine.record_expert_ids = "r3" in flags
     # The mismatch knobs (module docstring).
     if "fp32" in flags:
         c.precision = dict(dtype="float32", fp8_expert_weights=False, router_noise_std=0.0)
     else:
         c.precision = dict(dtype="bfloat16", fp8_expert_weights="nofp8" not in flags,
                            router_noise_std=float(values.get("noise", 1.0)))
-    c.reward = dict(name="task")
-    c.eval = dict(every=25, num_prompts=64, num_samples=4)
-    c.checkpoint = dict(save_every=25, max_to_keep=1)
-    c.mesh = dict(data=-1)
-    c.init_from = ""  # sweep.py points this at the seed's SFT workdir (and sets sft.num_steps=0)
+    c.checkpoint.max_to_keep = 1
+    # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
 
     if "local" in flags:
         # ~1-2 min per RL arm on 2 CPU cores: fewer, smaller steps, a lighter evaluation.
@@ -159,12 +142,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.eval.every = 20
         c.checkpoint.save_every = 50
     if "smoke" in flags:
-        c.sft.num_steps, c.rl.num_steps = 4, 3
-        c.scheduler.update(group_size=4, batch_size=8, token_budget=64, max_active_requests=16)
-        c.scheduler.sampling.max_new_tokens = 16
-        c.rl.num_minibatches = 1
-        c.eval.update(every=2, num_prompts=4, num_samples=2)
-        c.checkpoint.save_every = 1
+        common.shrink_to_smoke(c)
     if "sft" in flags:
         c.rl.num_steps = 0
     return complete(c)

@@ -54,6 +54,7 @@ from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.rollout.types import Request, SamplingParams
 from ring_jax.train import checkpoint as checkpoint_lib
 from ring_jax.train import optim, sft
+from ring_jax.train.experiment import parse_config_arg
 
 DEFAULT_TRAINED_WORKDIR = "/tmp/rj_full"
 PRECISIONS = {
@@ -88,19 +89,20 @@ class StudyConfig:
 def get_config(arg: str = "local") -> StudyConfig:
     """``local``: a 6-layer small-like MoE (1 dense + 5 MoE layers, 16 experts in 4 groups,
     top-2 + 1 shared expert, D=128) vs a dense model of equal active size. ``tiny``: the
-    smoke-test size (2 MoE layers, a few prompts and SFT steps)."""
-    if arg == "local":
+    smoke-test size (2 MoE layers, a few prompts and SFT steps). Anything else is an error."""
+    sizes, _ = parse_config_arg(arg, {"local", "tiny"}, set())
+    if len(sizes) != 1:
+        raise ValueError(f"arg {arg!r}: choose one size, 'local' or 'tiny'")
+    if "local" in sizes:
         moe = presets.get("small", hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                           intermediate_size=512, num_experts=16, num_experts_per_tok=2,
                           moe_intermediate_size=128, n_group=4, topk_group=2)
         return StudyConfig(moe=moe)
-    if arg == "tiny":
-        moe = presets.get("tiny", num_layers=3)
-        return StudyConfig(moe=moe, sft_steps=4, sft_batch_size=4, sft_seq_len=128,
-                           num_prompts=8, max_new_tokens=24, max_len=96, num_slots=8,
-                           bucket_edges=(0, 8, 16, 32), trained_num_prompts=8,
-                           trained_max_new_tokens=16)
-    raise ValueError(f"unknown size {arg!r}; choose 'local' or 'tiny'")
+    moe = presets.get("tiny", num_layers=3)  # "tiny"
+    return StudyConfig(moe=moe, sft_steps=4, sft_batch_size=4, sft_seq_len=128,
+                       num_prompts=8, max_new_tokens=24, max_len=96, num_slots=8,
+                       bucket_edges=(0, 8, 16, 32), trained_num_prompts=8,
+                       trained_max_new_tokens=16)
 
 
 def matched_dense(moe: ModelConfig) -> ModelConfig:

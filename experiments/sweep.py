@@ -28,7 +28,10 @@ import sys
 import time
 from typing import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# plot.py beside this file, and the repository root (config files import experiments.common;
+# the runs' processes get it on PYTHONPATH too).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), REPO]
 import numpy as np  # noqa: E402
 import plot  # noqa: E402  (experiments/plot.py, beside this file)
 
@@ -91,7 +94,9 @@ def run_all(config_path: str, runs: list[dict], root: str) -> dict[str, float]:
         print(f"[{i + 1}/{len(runs)}] {run['name']}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         with open(os.path.join(root, run["name"] + ".log"), "a") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={
+                **os.environ, "PYTHONPATH": os.pathsep.join(
+                    filter(None, [REPO, os.environ.get("PYTHONPATH", "")]))})
         if rc:
             raise SystemExit(f"{run['name']} failed (exit {rc}); see "
                              f"{os.path.join(root, run['name'] + '.log')}")

@@ -4,4 +4,6 @@
   advantages  group-relative advantages (GRPO, Dr.GRPO, RLOO), degenerate groups
   losses      the clipped policy loss with registered mismatch corrections (IcePop, TIS, KPop,
               sequence masks), sum/denominator terms for exact micro-batching, mismatch metrics
+  registry    named functions (corrections, estimators) with typed, validated parameters;
+              "module.path:function" names for forks in their own modules
 """

@@ -16,40 +16,49 @@ after σ_max cuts) is normalised over the members it has; missing members get Â
 keep = False. Optional batch-level normalisation (``batch_norm``) rescales the group advantages
 by the std (and optionally subtracts the mean) over all kept members of the batch.
 
-The estimator is a registered function (STYLE.md "Forking"): ``register_estimator(name)``.
+The estimator is a registered function (STYLE.md "Forking") with the hyper-parameters it
+reads, typed (`ring_jax.rl.registry`), checked against ``AdvantageConfig.estimator_params`` when
+the config is built:
+
+    @advantages.register_estimator("my_adv", params={"temperature": registry.Param(float, 1.0)})
+    def my_adv(rewards_NG, valid_NG, cfg): ... cfg.param("temperature") ...
+
+``estimator`` may also be ``"module.path:function"`` (the module is imported).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ring_jax import config as config_lib
+from ring_jax.rl import registry
 
 BATCH_NORMS = ("none", "std", "mean_std")
 
 # fn(rewards_NG, valid_NG, cfg) -> advantages_NG; groups with fewer than 2 valid members or
 # equal rewards are zeroed by the caller, so estimators may ignore them.
 EstimatorFn = Callable[[jax.Array, jax.Array, "AdvantageConfig"], jax.Array]
-_ESTIMATORS: dict[str, EstimatorFn] = {}
+_ESTIMATORS = registry.Registry("advantage estimator", "estimator")
 
 
-def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
-    """Registers ``fn(rewards_NG, valid_NG, cfg) -> advantages_NG`` as ``estimator=name``."""
-
-    def register(fn: EstimatorFn) -> EstimatorFn:
-        if name in _ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        _ESTIMATORS[name] = fn
-        return fn
-
-    return register
+def register_estimator(name: str, params: Mapping[str, Any] | None = None
+                       ) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Registers ``fn(rewards_NG, valid_NG, cfg) -> advantages_NG`` as ``estimator=name``;
+    ``params``: the hyper-parameters it reads with ``cfg.param(key)`` (as in
+    `losses.register_correction`)."""
+    return _ESTIMATORS.register(name, params)
 
 
 def available_estimators() -> tuple[str, ...]:
-    return tuple(_ESTIMATORS)
+    return _ESTIMATORS.names()
+
+
+def get_estimator(name: str) -> EstimatorFn:
+    """The function of a registered or ``"module.path:function"`` estimator name."""
+    return _ESTIMATORS.get(name).fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +66,11 @@ class AdvantageConfig:
     """How advantages are computed from a batch of group rewards.
 
     Fields:
-      estimator: "grpo" | "dr_grpo" | "rloo" (or a registered name).
+      estimator: "grpo" | "dr_grpo" | "rloo", another registered name, or
+        "module.path:function".
+      estimator_params: the hyper-parameters the estimator declared at registration, a mapping
+        read with `param`; checked and completed with defaults when built (as
+        `LossConfig.correction_params`).
       std_eps: eps in (R − mean) / (std + eps).
       std_ddof: 0 = population std (the paper's formula), 1 = sample std (TRL / verl).
       drop_degenerate: flag members of equal-reward groups as not kept.
@@ -72,15 +85,25 @@ class AdvantageConfig:
     drop_degenerate: bool = False
     batch_norm: str = "none"
     batch_norm_eps: float = 1e-6
+    estimator_params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        config_lib.check_one_of("estimator", self.estimator, available_estimators())
+        config_lib.check(isinstance(self.estimator, str), "estimator", self.estimator,
+                         "must be a str")
+        # Frozen: the resolved (sorted, defaults filled) parameters replace the given ones.
+        object.__setattr__(self, "estimator_params", _ESTIMATORS.resolve_params(
+            self.estimator, self.estimator_params, "estimator_params"))
         config_lib.check_float("std_eps", self.std_eps, min_value=0.0)
         config_lib.check_int("std_ddof", self.std_ddof, min_value=0, max_value=1)
         config_lib.check(isinstance(self.drop_degenerate, bool), "drop_degenerate",
                          self.drop_degenerate, "must be a bool")
         config_lib.check_one_of("batch_norm", self.batch_norm, BATCH_NORMS)
         config_lib.check_float("batch_norm_eps", self.batch_norm_eps, min_value=0.0)
+
+    def param(self, key: str) -> Any:
+        """The value of the estimator's declared parameter ``key`` (default filled in)."""
+        return registry.param_value(self.estimator_params, key, "advantage estimator",
+                                    self.estimator)
 
 
 class Advantages(NamedTuple):
@@ -138,7 +161,7 @@ def compute_advantages(rewards_NG: jax.Array, cfg: AdvantageConfig,
     has_group_N = valid_NG.sum(-1) > 0
     degenerate_N = has_group_N & ((valid_NG.sum(-1) < 2) | (hi_N == lo_N))
     safe_rewards_NG = jnp.where(valid_NG, rewards_NG, 0.0)  # NaN/garbage in missing slots
-    adv_NG = _ESTIMATORS[cfg.estimator](safe_rewards_NG, valid_f_NG, cfg)
+    adv_NG = get_estimator(cfg.estimator)(safe_rewards_NG, valid_f_NG, cfg)
     adv_NG = jnp.where(valid_NG & ~degenerate_N[:, None], adv_NG, 0.0)
 
     keep_NG = valid_NG

@@ -33,23 +33,28 @@ the full minibatch's mask, is fixed before the pieces are processed:
 The sum of the pieces' gradients equals the full minibatch's gradient, and `finalize` of the
 accumulated terms gives the full minibatch's loss and metrics (means, fractions, maxima, ESS).
 
-A new correction is one function registered by name (STYLE.md "Forking"):
+A new correction is one function registered by name with the hyper-parameters it reads,
+typed (STYLE.md "Forking"; `ring_jax.rl.registry`); `LossConfig` checks them when it is built:
 
-    @losses.register_correction("my_mask")
-    def my_mask(x: losses.MismatchInputs, cfg: losses.LossConfig) -> losses.Correction: ...
+    @losses.register_correction("my_mask", params={"tau": registry.Param(float, 0.3)})
+    def my_mask(x: losses.MismatchInputs, cfg: losses.LossConfig) -> losses.Correction:
+        keep_BT = jnp.abs(x.log_k_BT) <= cfg.param("tau")
+        ...
 
-    cfg = losses.LossConfig(correction="my_mask", correction_params=(("tau", 0.3),))
+    cfg = losses.LossConfig(correction="my_mask", correction_params={"tau": 0.5})
+    cfg = losses.LossConfig(correction="my_pkg.masks:my_mask")  # imports my_pkg.masks
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ring_jax import config as config_lib
+from ring_jax.rl import registry
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -83,29 +88,37 @@ class Correction(NamedTuple):
 
 
 CorrectionFn = Callable[[MismatchInputs, "LossConfig"], Correction]
-_CORRECTIONS: dict[str, CorrectionFn] = {}
+_CORRECTIONS = registry.Registry("correction", "correction")
 
 
-def register_correction(name: str) -> Callable[[CorrectionFn], CorrectionFn]:
-    """Registers ``fn(MismatchInputs, LossConfig) -> Correction`` as ``correction=name``."""
+def register_correction(name: str, params: Mapping[str, Any] | None = None
+                        ) -> Callable[[CorrectionFn], CorrectionFn]:
+    """Registers ``fn(MismatchInputs, LossConfig) -> Correction`` as ``correction=name``.
 
-    def register(fn: CorrectionFn) -> CorrectionFn:
-        if name in _CORRECTIONS:
-            raise ValueError(f"correction {name!r} is already registered")
-        _CORRECTIONS[name] = fn
-        return fn
+    ``params``: the hyper-parameters ``fn`` reads with ``cfg.param(key)``, as
+    ``{key: registry.Param(type, default)}`` (or a bare type: required; a bare value: the
+    default), checked against ``LossConfig.correction_params`` when the config is built.
 
-    return register
+    The contract (checked for every registered correction by tests/rl/test_losses.py): jittable
+    and finite on any log k (masked tokens may carry ±50); weight_BT ≥ 0 and 0 where keep_BT
+    is False; row-local (a row's verdict depends on that row only, so micro-batches are exact);
+    c(k=1) = 1, so when the engines agree the loss is plain GRPO's.
+    """
+    return _CORRECTIONS.register(name, params)
 
 
 def available_corrections() -> tuple[str, ...]:
-    return tuple(_CORRECTIONS)
+    return _CORRECTIONS.names()
 
 
 def get_correction(name: str) -> CorrectionFn:
-    if name not in _CORRECTIONS:
-        config_lib.fail("correction", name, f"must be one of {available_corrections()}")
-    return _CORRECTIONS[name]
+    """The function of a registered or ``"module.path:function"`` correction name."""
+    return _CORRECTIONS.get(name).fn
+
+
+def correction_params(name: str) -> dict[str, registry.Param]:
+    """The parameters correction ``name`` declares."""
+    return dict(_CORRECTIONS.get(name).params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,9 +131,13 @@ class LossConfig:
     """How the policy loss is computed. Frozen and hashable: a static argument of `jax.jit`.
 
     Fields:
-      correction: registered name; built in: "none", "tis", "icepop", "kpop", "seq_mask".
+      correction: registered name; built in: "none", "tis", "icepop", "kpop", "seq_mask"; or
+        "module.path:function" (the module is imported; `ring_jax.rl.registry`).
       alpha, beta: the IcePop band [α, β] on k (PAPER §1: 0.5, 5); "seq_mask" applies the same
-        band to the sequence's geometric-mean k. α may be 0 and β may be inf (no bound).
+        band to the sequence's geometric-mean k. α may be 0 and β may be inf (no bound). The
+        band must contain k = 1 (α ≤ 1 ≤ β: a token both engines agree on is never masked)
+        and have width (α < β: α = β = 1 would keep only tokens whose two log-probs are
+        bit-identical, i.e. mask nearly all of them).
       tis_cap: C in the TIS weight min(k, C).
       kpop_phi: φ, the KPop bound on the binary KL in both directions (PAPER §1: 0.1–2).
       clip: PPO clipping on; off = the plain ratio r·Â (one update per batch, r ≡ 1 in value).
@@ -142,8 +159,11 @@ class LossConfig:
       num_position_buckets: equal-width buckets of response position (over max_response_len
         or T) for the mismatch metrics, named ``mismatch/abs_logp_diff_mean/pos_{first}_{last}``
         (the last one ``pos_{first}_end``).
-      correction_params: (name, value) pairs for registered corrections that need their own
-        hyper-parameters (read with `param`), so a fork needs no new config field.
+      correction_params: the hyper-parameters the correction declared at registration
+        (`register_correction(name, params=...)`), a mapping (or (key, value) pairs) read with
+        `param`, so a fork needs no new config field. Checked against the declaration (an
+        unknown, missing or mistyped one is a `ConfigError` naming
+        ``correction_params.<key>``) and completed with the declared defaults when built.
     """
 
     correction: str = "icepop"
@@ -161,13 +181,25 @@ class LossConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     num_position_buckets: int = 4
-    correction_params: tuple[tuple[str, float], ...] = ()
+    correction_params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        config_lib.check_one_of("correction", self.correction, available_corrections())
-        # The band must contain k = 1 (on-policy tokens are always kept).
-        config_lib.check_float("alpha", self.alpha, min_value=0.0, max_value=1.0)
-        config_lib.check_float("beta", self.beta, min_value=1.0)
+        config_lib.check(isinstance(self.correction, str), "correction", self.correction,
+                         "must be a str")
+        # Frozen: the resolved (sorted, defaults filled) parameters replace the given ones.
+        object.__setattr__(self, "correction_params", _CORRECTIONS.resolve_params(
+            self.correction, self.correction_params, "correction_params"))
+        config_lib.check_float("alpha", self.alpha, min_value=0.0)
+        config_lib.check_float("beta", self.beta, min_value=0.0)
+        config_lib.check(self.alpha < self.beta, "alpha", self.alpha,
+                         f"must be < beta={self.beta}: [α, β] is the band of k that IcePop "
+                         "and seq_mask keep; α > β keeps nothing, α = β only k exactly α")
+        config_lib.check(self.alpha <= 1.0, "alpha", self.alpha,
+                         "must be <= 1: the band [α, β] must contain k = 1, so a token both "
+                         "engines agree on is never masked")
+        config_lib.check(self.beta >= 1.0, "beta", self.beta,
+                         "must be >= 1: the band [α, β] must contain k = 1, so a token both "
+                         "engines agree on is never masked")
         config_lib.check_float("tis_cap", self.tis_cap, min_value=0.0, min_exclusive=True)
         config_lib.check_float("kpop_phi", self.kpop_phi, min_value=0.0, min_exclusive=True)
         config_lib.check(isinstance(self.clip, bool), "clip", self.clip, "must be a bool")
@@ -188,20 +220,10 @@ class LossConfig:
         config_lib.check_one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         config_lib.check_float("entropy_coef", self.entropy_coef, min_value=0.0)
         config_lib.check_int("num_position_buckets", self.num_position_buckets, min_value=1)
-        config_lib.check(
-            isinstance(self.correction_params, tuple)
-            and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
-                    and isinstance(p[1], (int, float)) for p in self.correction_params),
-            "correction_params", self.correction_params,
-            "must be a tuple of (name, number) pairs")
 
-    def param(self, name: str) -> float:
-        """A value from ``correction_params``."""
-        for key, value in self.correction_params:
-            if key == name:
-                return float(value)
-        raise config_lib.ConfigError(
-            f"correction_params has no {name!r} (needed by correction={self.correction!r})")
+    def param(self, key: str) -> Any:
+        """The value of the correction's declared parameter ``key`` (default filled in)."""
+        return registry.param_value(self.correction_params, key, "correction", self.correction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,6 +387,21 @@ def _position_buckets(mask_BT: jax.Array, span: int, num_buckets: int
     return jax.nn.one_hot(bucket_BT, num_buckets) * mask_BT[..., None], names
 
 
+class TokenTerms(NamedTuple):
+    """The per-token quantities of a batch's loss, [B, T] float32 constants (no gradient), from
+    which `loss_metric_sums` takes the metrics. Zero outside the response."""
+
+    mask_BT: jax.Array  # 1.0 on response tokens
+    log_k_BT: jax.Array  # log k = log π_train(θ_old) − log π_infer
+    weight_BT: jax.Array  # the correction's c(k)
+    masked_BT: jax.Array  # 1.0 on response tokens the correction masked
+    log_ratio_BT: jax.Array  # log r = log π_train(θ) − log π_train(θ_old), every response token
+    adv_BT: jax.Array  # Â
+    token_loss_BT: jax.Array  # the token's term of the loss (before aggregation)
+    kl_BT: jax.Array | None  # the KL penalty's estimate (cfg.kl_coef > 0)
+    entropy_BT: jax.Array | None  # H of π_θ, when given
+
+
 def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT: jax.Array,
                       advantages: jax.Array, mask_BT: jax.Array, cfg: LossConfig, *,
                       logp_ref_BT: jax.Array | None = None,
@@ -410,45 +447,65 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
     else:
         pg_BT = ratio_BT * adv_BT
     token_loss_BT = -weight_BT * pg_BT
+    kl_BT = None
     if cfg.kl_coef > 0:
         if logp_ref_BT is None:
             raise ValueError("LossConfig.kl_coef > 0 needs logp_ref_BT")
         log_ref_BT = jnp.where(on_BT, sg(logp_ref_BT.astype(f32)), 0.0)
         kl_BT = _kl_penalty(jnp.where(on_BT, logp_BT, 0.0), log_ref_BT, cfg.kl_estimator)
         token_loss_BT = token_loss_BT + cfg.kl_coef * kl_BT
+    if entropy_BT is not None:
+        entropy_BT = jnp.where(on_BT, entropy_BT.astype(f32), 0.0)
     if cfg.entropy_coef > 0:
         if entropy_BT is None:
             raise ValueError("LossConfig.entropy_coef > 0 needs entropy_BT")
-        token_loss_BT = token_loss_BT - cfg.entropy_coef * jnp.where(
-            on_BT, entropy_BT.astype(f32), 0.0)
+        token_loss_BT = token_loss_BT - cfg.entropy_coef * entropy_BT
     token_loss_BT = jnp.where(on_BT, token_loss_BT, 0.0)
 
     # Aggregation: numerator here, denominator from `loss_denominator`.
-    num_tokens_B = mask_BT.sum(-1)
     kept_BT = mask_BT * keep_BT
     counted_BT = mask_BT if cfg.masked_in_denominator else kept_BT
-    span = cfg.max_response_len or num_cols
     if cfg.aggregation == "seq_mean_token_mean":
         # |y_i|: masked tokens are still in it (PAPER §1) unless masked_in_denominator=False.
         loss_sum = (token_loss_BT.sum(-1) / jnp.maximum(counted_BT.sum(-1), 1.0)).sum()
     elif cfg.aggregation == "token_mean":
         loss_sum = token_loss_BT.sum()
     else:  # seq_mean_token_sum_norm
-        loss_sum = token_loss_BT.sum() / span
+        loss_sum = token_loss_BT.sum() / (cfg.max_response_len or num_cols)
 
-    # Metric numerators: all cheap [B, T] elementwise work on constants.
-    log_k_BT, weight_BT = sg(log_k_BT), sg(weight_BT)
+    tokens = TokenTerms(
+        mask_BT=mask_BT, log_k_BT=sg(log_k_BT), weight_BT=weight_BT,
+        masked_BT=mask_BT * (~keep_BT),
+        log_ratio_BT=jnp.where(on_BT, sg(logp_BT) - logp_old_BT, 0.0), adv_BT=adv_BT,
+        token_loss_BT=sg(token_loss_BT), kl_BT=None if kl_BT is None else sg(kl_BT),
+        entropy_BT=None if entropy_BT is None else sg(entropy_BT))
+    sums, maxes = loss_metric_sums(tokens, cfg)
+    return LossTerms(loss_sum, loss_denominator(mask_BT, cfg, kept_BT), sums, maxes)
+
+
+def loss_metric_sums(t: TokenTerms, cfg: LossConfig
+                     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The numerators (sums over response tokens) and maxima of the metrics of a batch, which
+    `accumulate_terms` adds across micro-batches and `finalize_metrics` divides.
+
+    Mismatch (PAPER §1, IcePop blog Figs 5-10): |log k| (mean, max, per response-position
+    bucket), the k3 estimate of KL(π_infer ‖ π_train(θ_old)), k, the masked fraction (above β /
+    below α by the sign of log k), the correction weights (mean, ESS). Policy: the PPO ratio,
+    the clipped fraction, the token loss, the KL penalty and the entropy of all vs masked
+    tokens. All cheap [B, T] elementwise work on constants.
+    """
+    mask_BT, log_k_BT, masked_BT = t.mask_BT, t.log_k_BT, t.masked_BT
     abs_diff_BT = jnp.abs(log_k_BT)
-    masked_BT = mask_BT * (~keep_BT)
-    true_ratio_BT = jnp.exp(jnp.where(on_BT, sg(logp_BT) - logp_old_BT, 0.0))
+    ratio_BT = jnp.exp(t.log_ratio_BT)
     if cfg.clip:
+        # Tokens whose clipped term is the min, i.e. that get no gradient.
         lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-        clipped_BT = ((true_ratio_BT < lo) & (adv_BT < 0)) | ((true_ratio_BT > hi) & (adv_BT > 0))
+        clipped_BT = ((ratio_BT < lo) & (t.adv_BT < 0)) | ((ratio_BT > hi) & (t.adv_BT > 0))
     else:
-        clipped_BT = jnp.zeros_like(on_BT)
+        clipped_BT = jnp.zeros(mask_BT.shape, bool)
     sums = {
         "tokens": mask_BT.sum(),
-        "sequences": (num_tokens_B > 0).sum().astype(f32),
+        "sequences": (mask_BT.sum(-1) > 0).sum().astype(jnp.float32),
         "abs_diff": (abs_diff_BT * mask_BT).sum(),
         # k3 estimator of KL(π_infer ‖ π_train(θ_old)) from the sampler's own samples.
         "k3_kl": ((jnp.expm1(log_k_BT) - log_k_BT) * mask_BT).sum(),
@@ -456,13 +513,14 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
         "masked": masked_BT.sum(),
         "masked_above": (masked_BT * (log_k_BT > 0)).sum(),
         "masked_below": (masked_BT * (log_k_BT < 0)).sum(),
-        "weight": (weight_BT * mask_BT).sum(),
-        "weight_sq": (jnp.square(weight_BT) * mask_BT).sum(),
-        "ratio": (true_ratio_BT * mask_BT).sum(),
+        "weight": (t.weight_BT * mask_BT).sum(),
+        "weight_sq": (jnp.square(t.weight_BT) * mask_BT).sum(),
+        "ratio": (ratio_BT * mask_BT).sum(),
         "clipped": (clipped_BT * mask_BT).sum(),
-        "token_loss": sg(token_loss_BT).sum(),
+        "token_loss": t.token_loss_BT.sum(),
     }
     maxes = {"abs_diff": (abs_diff_BT * mask_BT).max()}
+    span = cfg.max_response_len or mask_BT.shape[1]
     bucket_BTN, bucket_names = _position_buckets(mask_BT, span, cfg.num_position_buckets)
     bucket_tokens_N = bucket_BTN.sum((0, 1))
     bucket_abs_diff_N = (bucket_BTN * abs_diff_BT[..., None]).sum((0, 1))
@@ -471,13 +529,12 @@ def policy_loss_terms(logp_BT: jax.Array, logp_old_BT: jax.Array, logp_infer_BT:
         sums[f"tokens/{name}"] = bucket_tokens_N[b]
         sums[f"abs_diff/{name}"] = bucket_abs_diff_N[b]
         maxes[f"abs_diff/{name}"] = bucket_max_N[b]
-    if entropy_BT is not None:
-        ent_BT = jnp.where(on_BT, sg(entropy_BT.astype(f32)), 0.0)
-        sums["entropy"] = (ent_BT * mask_BT).sum()
-        sums["entropy_masked"] = (ent_BT * masked_BT).sum()
-    if cfg.kl_coef > 0:
-        sums["kl_ref"] = (sg(kl_BT) * mask_BT).sum()
-    return LossTerms(loss_sum, loss_denominator(mask_BT, cfg, kept_BT), sums, maxes)
+    if t.entropy_BT is not None:
+        sums["entropy"] = (t.entropy_BT * mask_BT).sum()
+        sums["entropy_masked"] = (t.entropy_BT * masked_BT).sum()
+    if t.kl_BT is not None:
+        sums["kl_ref"] = (t.kl_BT * mask_BT).sum()
+    return sums, maxes
 
 
 def _div(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -2,7 +2,6 @@
 C3PO++ run through experiments/sweep.py into tmp_path (slow)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,15 +17,8 @@ CONFIG = os.path.join(ROOT, "experiments", "c3po.py")
 SWEEP = os.path.join(ROOT, "experiments", "sweep.py")
 
 
-def _load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_arms_seeds_and_scheduler_knobs():
-    study = _load(CONFIG, "_c3po_config")
+def test_sweep_arms_seeds_and_scheduler_knobs(experiment_file):
+    study = experiment_file("c3po")
     runs = study.get_sweep("local")
     labels = {}
     for r in runs:
@@ -57,8 +49,8 @@ def test_sweep_arms_seeds_and_scheduler_knobs():
         study.get_config("budget=3")
 
 
-def test_task_mix_is_long_tailed():
-    cfg = experiment.from_config_dict(_load(CONFIG, "_c3po_config").get_config(""))
+def test_task_mix_is_long_tailed(experiment_file):
+    cfg = experiment.from_config_dict(experiment_file("c3po").get_config(""))
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
     lengths = sorted(len(task.sample(i, 0).thoughts) for i in range(400))
     median, p95 = lengths[len(lengths) // 2], lengths[int(0.95 * len(lengths))]

@@ -2,7 +2,6 @@
 end to end through sweep.py into tmp_path (slow)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,15 +16,8 @@ CONFIG = os.path.join(ROOT, "experiments", "icepop.py")
 SWEEP = os.path.join(ROOT, "experiments", "sweep.py")
 
 
-def _load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs():
-    icepop = _load(CONFIG, "_icepop_config")
+def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs(experiment_file):
+    icepop = experiment_file("icepop")
     runs = icepop.get_sweep("local")
     by_study = {}
     for r in runs:
@@ -61,9 +53,9 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs():
         icepop.get_config("corection=tis")
 
 
-def test_select_brings_the_sft_runs_first():
-    sweep = _load(SWEEP, "_sweep")
-    icepop = _load(CONFIG, "_icepop_config")
+def test_select_brings_the_sft_runs_first(experiment_file):
+    sweep = experiment_file("sweep")
+    icepop = experiment_file("icepop")
     runs = sweep.select(icepop.get_sweep("smoke"), "stability", seeds=[1], arms=["tis"])
     assert [r["name"] for r in runs] == ["sft_s1", "tis_s1"]
     cmd = sweep.command("experiments/icepop.py", runs[1], "/r", python="py")

@@ -4,11 +4,9 @@ hand-made workdir (slow)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
@@ -17,21 +15,14 @@ import pytest
 from ring_jax.model import Transformer, presets
 from ring_jax.train import checkpoint as checkpoint_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "experiments", "mismatch_anatomy.py")
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_mismatch_anatomy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def ma(experiment_file):
+    return experiment_file("mismatch_anatomy")
 
 
 @pytest.mark.parametrize("size", ["local", "tiny"])
-def test_dense_model_matches_the_moe_active_parameter_count(size):
-    ma = _load()
+def test_dense_model_matches_the_moe_active_parameter_count(ma, size):
     moe = ma.get_config(size).moe
     dense = ma.matched_dense(moe)
     assert not dense.is_moe and moe.is_moe
@@ -71,8 +62,7 @@ def _finite_numbers(tree):
 
 
 @pytest.mark.slow
-def test_tiny_study_writes_finite_results_and_figures(tmp_path):
-    ma = _load()
+def test_tiny_study_writes_finite_results_and_figures(ma, tmp_path):
     study = ma.get_config("tiny")
     workdir = str(tmp_path / "rl")
     _fake_rl_workdir(workdir, presets.get("tiny"))

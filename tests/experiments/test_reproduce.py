@@ -1,7 +1,6 @@
 """experiments/reproduce.py: the stage list (fast) and the whole smoke pipeline (slow)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("_reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_local_stages_cover_every_study_at_local_size():
-    stages = dict(_load().stages("local", "/r", "/f", python="py"))
+def test_local_stages_cover_every_study_at_local_size(experiment_file):
+    stages = dict(experiment_file("reproduce").stages("local", "/r", "/f", python="py"))
     assert list(stages) == ["quickstart", "mismatch_anatomy", "icepop", "c3po"]
     assert "--trained_workdir=/r/quickstart" in stages["mismatch_anatomy"]
     assert "--size=local" in stages["mismatch_anatomy"]

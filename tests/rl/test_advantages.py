@@ -1,4 +1,7 @@
-"""ring_jax.rl.advantages: hand-computed groups, degenerate groups, partial groups, layouts."""
+"""ring_jax.rl.advantages: hand-computed groups, degenerate groups, partial groups, layouts.
+
+The estimator contract test iterates the registry (a new estimator is covered automatically);
+a toy fork with a typed parameter, `scaled_dr_grpo`, is registered here."""
 import math
 
 import jax
@@ -7,6 +10,16 @@ import pytest
 
 from ring_jax import config as config_lib
 from ring_jax.rl import advantages as adv_lib
+from ring_jax.rl import registry
+from ring_jax.train import experiment
+
+TOY = "test_scaled_dr_grpo"
+
+
+@adv_lib.register_estimator(TOY, params={"scale": registry.Param(float, 2.0, min_value=0.0)})
+def scaled_dr_grpo(rewards_NG, valid_NG, cfg):
+    """A toy fork: Dr.GRPO's R_i − mean(R), times ``scale``."""
+    return adv_lib.dr_grpo(rewards_NG, valid_NG, cfg) * cfg.param("scale")
 
 # Three groups of G=4: mixed, all-correct (degenerate), one-correct.
 REWARDS = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]],
@@ -103,6 +116,43 @@ def test_flat_layout_rejects_a_partial_group():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(config_lib.ConfigError, match=field):
         adv_lib.AdvantageConfig(**kwargs)
+
+
+@pytest.mark.parametrize("estimator", adv_lib.available_estimators())
+def test_estimator_contract(estimator):
+    """For every registered estimator: finite advantages on partial groups (NaN in the missing
+    slots), 0 for missing members, groups independent of each other, and group-relative: a
+    constant added to a group's rewards changes nothing."""
+    rng = np.random.default_rng(2)
+    rewards = rng.normal(size=(6, 4)).astype(np.float32)
+    valid = rng.random((6, 4)) > 0.2
+    rewards = np.where(valid, rewards, np.nan).astype(np.float32)
+    cfg = adv_lib.AdvantageConfig(estimator=estimator)
+    a = np.asarray(adv_lib.compute_advantages(rewards, cfg, valid).advantages)
+    assert np.isfinite(a).all() and (a[~valid] == 0).all()
+    halves = [np.asarray(adv_lib.compute_advantages(rewards[i:i + 3], cfg,
+                                                    valid[i:i + 3]).advantages) for i in (0, 3)]
+    np.testing.assert_allclose(np.concatenate(halves), a, rtol=1e-6)
+    shifted = rewards + np.arange(6, dtype=np.float32)[:, None] * 3.0
+    np.testing.assert_allclose(
+        np.asarray(adv_lib.compute_advantages(shifted, cfg, valid).advantages), a,
+        rtol=1e-4, atol=1e-5)
+
+
+def test_toy_fork_with_a_typed_parameter():
+    expected = np.array([[.5, -.5, -.5, .5], [0, 0, 0, 0], [-.25, -.25, -.25, .75]])
+    for params, scale in (({}, 2.0), ({"scale": 3}, 3.0)):
+        cfg = adv_lib.AdvantageConfig(estimator=TOY, estimator_params=params)
+        assert cfg.estimator_params == (("scale", scale),)
+        out = adv_lib.compute_advantages(REWARDS, cfg)
+        np.testing.assert_allclose(np.asarray(out.advantages), scale * expected, rtol=1e-6)
+    by_path = adv_lib.AdvantageConfig(estimator=f"{__name__}:scaled_dr_grpo")
+    assert by_path.param("scale") == 2.0
+    values = {"rl": {"advantage": {"estimator": TOY, "estimator_params": {"scale": "big"}}}}
+    with pytest.raises(config_lib.ConfigError) as e:
+        experiment.build(experiment.ExperimentConfig, values)
+    assert str(e.value) == ("rl.advantage.estimator_params.scale='big' is invalid: must be a "
+                            "float")
 
 
 def test_registered_estimator_is_usable_by_name():

@@ -1,4 +1,10 @@
-"""ring_jax.rl.losses: hand-computed cases, a numpy reference, reductions, micro-batching."""
+"""ring_jax.rl.losses: hand-computed cases, a numpy reference, reductions, micro-batching.
+
+The broad tests iterate the correction registry, so a newly registered correction is covered
+automatically: the contract tests (finite, row-local, zero gradient where masked, plain GRPO
+when the engines agree) need nothing, the numpy reference test asks for an entry in
+NP_CORRECTIONS. A toy fork, `abs_log_k_band` below, is registered here with a typed parameter.
+"""
 import dataclasses
 import math
 
@@ -8,9 +14,20 @@ import numpy as np
 import pytest
 
 from ring_jax import config as config_lib
-from ring_jax.rl import losses
+from ring_jax.rl import losses, registry
+from ring_jax.train import experiment
 
-CORRECTIONS = ("none", "tis", "icepop", "kpop", "seq_mask")
+TOY = "test_abs_log_k_band"
+
+
+@losses.register_correction(TOY, params={"tau": registry.Param(float, 1.0, min_value=0.0)})
+def abs_log_k_band(x: losses.MismatchInputs, cfg: losses.LossConfig) -> losses.Correction:
+    """A toy fork: keep a token iff |log k| ≤ τ, kept tokens weighted 1."""
+    keep_BT = jnp.abs(x.log_k_BT) <= cfg.param("tau")
+    return losses.Correction(keep_BT.astype(jnp.float32), keep_BT)
+
+
+CORRECTIONS = losses.available_corrections()  # the built-ins, the toy, any other fork
 
 
 def _loss_and_grad(logp, logp_old, logp_infer, adv, mask, cfg, logp_ref=None, entropy=None):
@@ -205,27 +222,39 @@ def _np_binary_kl(p, q):
     return head + tail
 
 
+def _np_band(x, cfg):
+    lo = -np.inf if cfg.alpha == 0 else np.log(cfg.alpha)
+    return (x >= lo) & (x <= np.log(cfg.beta))
+
+
+def _np_kpop(log_k, logp_old, logp_infer, mask, cfg):
+    p, q = np.exp(logp_old), np.exp(logp_infer)
+    keep = (_np_binary_kl(p, q) <= cfg.kpop_phi) & (_np_binary_kl(q, p) <= cfg.kpop_phi)
+    return np.where(keep, np.exp(log_k), 0.0)
+
+
+def _np_seq_mask(log_k, logp_old, logp_infer, mask, cfg):
+    geo_mean_log_k = (log_k * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    return np.broadcast_to(_np_band(geo_mean_log_k, cfg)[:, None], mask.shape).astype(float)
+
+
+# Correction name -> c(k) per token, float64: fn(log_k, logp_old, logp_infer, mask, cfg).
+NP_CORRECTIONS = {
+    "none": lambda log_k, *_, cfg: np.ones_like(log_k),
+    "tis": lambda log_k, *_, cfg: np.minimum(np.exp(log_k), cfg.tis_cap),
+    "icepop": lambda log_k, *_, cfg: np.where(_np_band(log_k, cfg), np.exp(log_k), 0.0),
+    "kpop": _np_kpop,
+    "seq_mask": _np_seq_mask,
+    TOY: lambda log_k, *_, cfg: (np.abs(log_k) <= cfg.param("tau")).astype(float),
+}
+
+
 def np_policy_loss(logp, logp_old, logp_infer, adv, mask, cfg):
     logp, logp_old, logp_infer = (np.asarray(x, np.float64) for x in (logp, logp_old, logp_infer))
     on = mask > 0
     adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, mask.shape)
     log_k = np.where(on, logp_old - logp_infer, 0.0)
-    lo = -np.inf if cfg.alpha == 0 else np.log(cfg.alpha)
-    hi = np.log(cfg.beta)
-    if cfg.correction == "none":
-        w = np.ones_like(log_k)
-    elif cfg.correction == "tis":
-        w = np.minimum(np.exp(log_k), cfg.tis_cap)
-    elif cfg.correction == "icepop":
-        w = np.where((log_k >= lo) & (log_k <= hi), np.exp(log_k), 0.0)
-    elif cfg.correction == "kpop":
-        p, q = np.exp(logp_old), np.exp(logp_infer)
-        keep = (_np_binary_kl(p, q) <= cfg.kpop_phi) & (_np_binary_kl(q, p) <= cfg.kpop_phi)
-        w = np.where(keep, np.exp(log_k), 0.0)
-    else:
-        n = mask.sum(1)
-        g = (log_k * mask).sum(1) / np.maximum(n, 1)
-        w = np.broadcast_to(((g >= lo) & (g <= hi))[:, None], mask.shape).astype(float)
+    w = NP_CORRECTIONS[cfg.correction](log_k, logp_old, logp_infer, mask, cfg=cfg)
     w = np.where(on, w, 0.0)
     r = np.exp(np.where(on & (w > 0), logp - logp_old, 0.0))
     if cfg.clip:
@@ -288,6 +317,9 @@ REFERENCE_CASES = [(c, a, a != "token_mean") for c in CORRECTIONS for a in losse
 
 @pytest.mark.parametrize("correction,aggregation,clip", REFERENCE_CASES)
 def test_matches_numpy_reference(correction, aggregation, clip):
+    if correction not in NP_CORRECTIONS:
+        pytest.fail(f"correction {correction!r} is registered but has no numpy reference: add "
+                    "its c(k) to NP_CORRECTIONS")
     for extreme in (False, True):
         _check_against_reference(correction, aggregation, clip, extreme)
 
@@ -339,19 +371,49 @@ def test_all_corrections_equal_none_when_engines_agree(correction):
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad_none))
 
 
-@pytest.mark.parametrize("correction", ["icepop", "kpop", "seq_mask"])
-def test_masked_and_padding_tokens_get_exactly_zero_gradient(correction):
-    logp, logp_old, logp_infer, adv, mask = _random_batch(3, extreme=True)
-    logp = np.where(mask > 0, logp, np.nan).astype(np.float32)  # garbage outside the response
-    cfg = losses.LossConfig(correction=correction, kpop_phi=0.3, clip=False)
-    grad = np.asarray(_grad(logp, logp_old, logp_infer, adv, mask, cfg))
+def _verdict(correction, logp_old, logp_infer, mask, cfg):
+    """(weight, keep) of a correction on a batch, numpy."""
     inputs = losses.MismatchInputs(
         jnp.where(mask > 0, logp_old - logp_infer, 0.0), jnp.asarray(logp_old),
         jnp.asarray(logp_infer), jnp.asarray(mask))
-    keep = np.asarray(losses.get_correction(correction)(inputs, cfg).keep_BT) & (mask > 0)
-    assert (~keep & (mask > 0)).any(), "the batch should contain masked response tokens"
-    assert np.all(grad[~keep] == 0.0)
-    assert np.all(grad[keep & (adv[:, None] != 0)] != 0.0)
+    out = losses.get_correction(correction)(inputs, cfg)
+    return np.asarray(out.weight_BT), np.asarray(out.keep_BT)
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS)
+def test_correction_contract(correction):
+    """What the loss relies on, for every registered correction: finite on extreme log-ratios
+    (±50), weight ≥ 0 and 0 where not kept, row-local (each row's verdict depends on that row
+    only, so micro-batches are exact), and masked and padding tokens get exactly zero
+    gradient even where log π is garbage."""
+    logp, logp_old, logp_infer, adv, mask = _random_batch(3, extreme=True)
+    cfg = losses.LossConfig(correction=correction, kpop_phi=0.3, clip=False)
+    weight, keep = _verdict(correction, logp_old, logp_infer, mask, cfg)
+    on = mask > 0
+    assert np.isfinite(weight).all() and (weight[on] >= 0).all()
+    assert (weight[on & ~keep] == 0).all()
+    top, bottom = _verdict(correction, logp_old[:3], logp_infer[:3], mask[:3], cfg), _verdict(
+        correction, logp_old[3:], logp_infer[3:], mask[3:], cfg)
+    np.testing.assert_array_equal(np.concatenate([top[0], bottom[0]])[on], weight[on])
+    np.testing.assert_array_equal(np.concatenate([top[1], bottom[1]])[on], keep[on])
+
+    # Nonzero gradient expected where it cannot underflow in float32 (TIS weights e^-50 times
+    # a ratio e^-50 can).
+    moderate = (weight > 1e-6) & (np.abs(logp - logp_old) < 10) & (adv[:, None] != 0)
+    logp = np.where(on, logp, np.nan).astype(np.float32)  # garbage outside the response
+    grad = np.asarray(_grad(logp, logp_old, logp_infer, adv, mask, cfg))
+    trained = on & keep & (weight > 0)
+    assert np.all(grad[~trained] == 0.0)
+    assert np.all(grad[trained & moderate] != 0.0)
+
+
+@pytest.mark.parametrize("correction", ["icepop", "kpop", "seq_mask", TOY])
+def test_masking_corrections_mask_the_extreme_batch(correction):
+    # So that test_correction_contract's zero-gradient check meets masked tokens.
+    _, logp_old, logp_infer, _, mask = _random_batch(3, extreme=True)
+    cfg = losses.LossConfig(correction=correction, kpop_phi=0.3)
+    _, keep = _verdict(correction, logp_old, logp_infer, mask, cfg)
+    assert (~keep & (mask > 0)).any()
 
 
 def _split_rows(arrays, pieces):
@@ -439,19 +501,75 @@ def test_config_is_hashable_static_arg():
     assert hash(losses.LossConfig()) == hash(losses.LossConfig())
 
 
-def test_registered_correction_is_usable_by_name():
-    name = "test_hard_band"
-    if name not in losses.available_corrections():
-        @losses.register_correction(name)
-        def hard_band(x, cfg):
-            keep = jnp.abs(x.log_k_BT) <= cfg.param("tau")
-            return losses.Correction(keep.astype(jnp.float32), keep)
-    cfg = losses.LossConfig(correction=name, correction_params=(("tau", 1.0),))
-    _, m = _loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK, cfg)
-    # |log k| > 1 for k=8 and k=1/8: 2 of 5 response tokens masked.
-    np.testing.assert_allclose(float(m["mismatch/masked_frac"]), 0.4, rtol=1e-6)
+@pytest.mark.parametrize("tau,expected", [
+    # |log k| = [0, ln 2, ln 8] and [ln 8, 0] (HAND_LOSSES' batch), Â = [1, -0.5], c = 1 on kept
+    # tokens, masked ones stay in |y_i| = 3, 2.
+    (1.0, (-2 / 3 + 0.5 / 2) / 2),  # keeps k = 1, 2 and 1
+    (0.5, (-1 / 3 + 0.5 / 2) / 2),  # keeps k = 1 and 1
+    (3, (-3 / 3 + 1 / 2) / 2),  # an int is a valid float: keeps all, as "none"
+])
+def test_toy_fork_with_a_typed_parameter(tau, expected):
+    cfg = losses.LossConfig(correction=TOY, correction_params={"tau": tau})
+    assert cfg.param("tau") == float(tau) and isinstance(cfg.param("tau"), float)
+    loss, m = _loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK, cfg)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    # The declared default fills in, and the config (a jit static argument) stays hashable.
+    assert losses.LossConfig(correction=TOY).correction_params == (("tau", 1.0),)
+    assert hash(losses.LossConfig(correction=TOY, correction_params=(("tau", 1),))) == hash(
+        losses.LossConfig(correction=TOY))
+    # Selected by "module:function" too (this module is imported): the same registration.
+    by_path = losses.LossConfig(correction=f"{__name__}:abs_log_k_band",
+                                correction_params={"tau": tau})
+    assert by_path.param("tau") == float(tau)
+    np.testing.assert_allclose(float(_loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK,
+                                           by_path)[0]), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"tau": "x"}, "rl.loss.correction_params.tau='x' is invalid: must be a float"),
+    ({"tau": True}, "rl.loss.correction_params.tau=True is invalid: must be a float"),
+    ({"tau": -1.0}, "rl.loss.correction_params.tau=-1.0 is invalid: must be >= 0.0"),
+    ({"tua": 0.5}, "rl.loss.correction_params.tua is not a parameter of correction "
+                   f"'{TOY}'; its parameters: ['tau']"),
+])
+def test_toy_fork_parameters_are_validated_when_the_config_is_built(params, message):
+    values = {"rl": {"loss": {"correction": TOY, "correction_params": params}}}
+    with pytest.raises(config_lib.ConfigError) as e:
+        experiment.build(experiment.ExperimentConfig, values)
+    assert str(e.value) == message
+
+
+def test_registry_errors():
     with pytest.raises(ValueError, match="already registered"):
-        losses.register_correction(name)(lambda x, c: None)
+        losses.register_correction(TOY)(lambda x, c: None)
+    with pytest.raises(config_lib.ConfigError, match="correction_params.tau is not a parameter "
+                       "of correction 'icepop'; its parameters: none"):
+        losses.LossConfig(correction="icepop", correction_params={"tau": 1.0})
+    with pytest.raises(config_lib.ConfigError, match="reads parameter 'tua' without declaring"):
+        losses.LossConfig(correction=TOY).param("tua")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(alpha=6.0, beta=5.0), "alpha=6.0 is invalid: must be < beta=5.0: [α, β] is the band"),
+    (dict(alpha=1.0, beta=1.0), "alpha=1.0 is invalid: must be < beta=1.0"),
+    (dict(alpha=2.0, beta=5.0), "alpha=2.0 is invalid: must be <= 1: the band [α, β] must "
+                                "contain k = 1"),
+    (dict(alpha=0.2, beta=0.5), "beta=0.5 is invalid: must be >= 1: the band [α, β] must "
+                                "contain k = 1"),
+])
+def test_icepop_band_edges_are_rejected_with_the_reason(kwargs, message):
+    with pytest.raises(config_lib.ConfigError) as e:
+        losses.LossConfig(**kwargs)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 5.0), (0.5, 1.0), (0.0, math.inf)])
+def test_one_sided_and_open_bands_are_allowed(alpha, beta):
+    cfg = losses.LossConfig(correction="icepop", alpha=alpha, beta=beta)
+    _, m = _loss(LOGP_OLD, LOGP_OLD, LOGP_INFER, ADV, MASK, cfg)
+    # k = [1, 2, 8] and [1/8, 1]: [1, 5] masks 8 and 1/8; [0.5, 1] masks 2, 8 and 1/8.
+    expected = {(1.0, 5.0): 2 / 5, (0.5, 1.0): 3 / 5, (0.0, math.inf): 0.0}[(alpha, beta)]
+    np.testing.assert_allclose(float(m["mismatch/masked_frac"]), expected, rtol=1e-6)
 
 
 def test_missing_optional_inputs_raise():

@@ -1,26 +1,17 @@
 """The RL loop's held-out evaluation prompts never come from the training rows of a file task."""
-import importlib.util
-import os
-
 from ring_jax.data import tasks
 from ring_jax.data.tokenizer import get_tokenizer
 from ring_jax.train import experiment, rl_loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _quickstart_config(**task):
-    spec = importlib.util.spec_from_file_location(
-        "_quickstart", os.path.join(ROOT, "experiments", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("smoke").to_dict()
+def _quickstart_config(experiment_file, **task):
+    c = experiment_file("quickstart").get_config("smoke").to_dict()
     c["task"].update(task)
     return experiment.from_config_dict(c)
 
 
-def test_eval_records_are_held_out_rows_of_a_file_task():
-    cfg = _quickstart_config(name="math", kwargs={"eval_fraction": 0.25})
+def test_eval_records_are_held_out_rows_of_a_file_task(experiment_file):
+    cfg = _quickstart_config(experiment_file, name="math", kwargs={"eval_fraction": 0.25})
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
     records = rl_loop._eval_records(cfg, task, get_tokenizer(cfg.task.tokenizer))
     train_prompts = {task.sample(i, 0).prompt for i in range(task.num_examples)}

@@ -1,31 +1,19 @@
 """ConfigDict -> ExperimentConfig validation: each invalid config fails with its own message
 naming the dotted field, before anything is traced or compiled."""
-import importlib.util
-import os
-
 import pytest
 
 from ring_jax.config import ConfigError
 from ring_jax.train import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+@pytest.fixture(scope="module")
+def quickstart(experiment_file):
+    return experiment_file("quickstart")
 
 
-def _load_config_file(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
-                                                                     f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def _base():
-    return _load_config_file("quickstart").to_dict()
-
-
-def _with(overrides: dict) -> dict:
+def _with(quickstart, overrides: dict) -> dict:
     """The quickstart config with dotted-key overrides."""
-    cd = _base()
+    cd = quickstart.get_config().to_dict()
     for dotted, value in overrides.items():
         node = cd
         *path, last = dotted.split(".")
@@ -36,8 +24,8 @@ def _with(overrides: dict) -> dict:
 
 
 @pytest.mark.parametrize("arg", ["", "sync", "tis", "none", "kpop", "smoke", "sync,smoke"])
-def test_quickstart_variants_validate(arg):
-    cfg = experiment.from_config_dict(_load_config_file("quickstart", arg))
+def test_quickstart_variants_validate(quickstart, arg):
+    cfg = experiment.from_config_dict(quickstart.get_config(arg))
     assert cfg.model.num_experts > 0  # the quickstart is a real MoE
     assert cfg.scheduler.max_seq_len <= cfg.engine.max_len
 
@@ -78,9 +66,9 @@ INVALID = [
 
 
 @pytest.mark.parametrize("overrides,message", INVALID, ids=[next(iter(o)) for o, _ in INVALID])
-def test_invalid_config_names_the_field(overrides, message):
+def test_invalid_config_names_the_field(quickstart, overrides, message):
     with pytest.raises(ConfigError) as e:
-        experiment.from_config_dict(_with(overrides))
+        experiment.from_config_dict(_with(quickstart, overrides))
     assert message in str(e.value)
 
 
@@ -91,10 +79,10 @@ def test_mesh_resolve_takes_the_rest():
         experiment.MeshConfig(data=-1, expert=3).resolve(8)
 
 
-def test_every_field_can_be_overridden_from_the_command_line():
+def test_every_field_can_be_overridden_from_the_command_line(quickstart):
     """Config files return `experiment.complete(c)`: every dataclass field is a key, so
     `--config.<section>.<field>=...` works for all of them (ml_collections rejects new keys)."""
-    cd = _load_config_file("quickstart")
+    cd = quickstart.get_config()
 
     def check(cls, node, prefix):
         for f in experiment.dataclasses.fields(cls):

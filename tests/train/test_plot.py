@@ -1,16 +1,14 @@
 """experiments/plot.py: seed grouping, mean ± std aggregation, figures and summary table."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("ring_jax_plot",
-                                               os.path.join(REPO, "experiments", "plot.py"))
-plot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot)
+
+@pytest.fixture(scope="module")
+def plot(experiment_file):
+    return experiment_file("plot")
 
 
 def _write_run(directory, rewards, evals, seconds_per_step):
@@ -24,7 +22,7 @@ def _write_run(directory, rewards, evals, seconds_per_step):
         f.write('{"step": 99, "rl/rew')   # torn line of a killed run
 
 
-def test_labels_group_seeds():
+def test_labels_group_seeds(plot):
     assert plot.default_label("runs/icepop_s3") == "icepop"
     assert plot.default_label("runs/icepop-seed12/") == "icepop"
     assert plot.default_label("runs/tis_seed=2") == "tis"
@@ -33,7 +31,7 @@ def test_labels_group_seeds():
                                                                "b": ["x/b_s0", "x/b_s1"]}
 
 
-def test_aggregation_hand_values():
+def test_aggregation_hand_values(plot):
     run_a = [{"step": 1, "m": 1.0, "time/elapsed_s": 0.0}, {"step": 2, "m": 3.0,
                                                             "time/elapsed_s": 10.0}]
     run_b = [{"step": 1, "m": 3.0, "time/elapsed_s": 0.0}, {"step": 2, "m": float("nan"),
@@ -51,7 +49,7 @@ def test_aggregation_hand_values():
     np.testing.assert_allclose(plot.smooth(np.array([1.0, 3.0, 5.0]), 2), [1.0, 2.0, 4.0])
 
 
-def test_main_writes_figures_and_summary(tmp_path, capsys):
+def test_main_writes_figures_and_summary(plot, tmp_path, capsys):
     _write_run(tmp_path / "icepop_s0", [0.1, 0.5, 0.9], {2: 0.4, 3: 0.8}, 1.0)
     _write_run(tmp_path / "icepop_s1", [0.2, 0.4, 0.7], {2: 0.5, 3: 0.6}, 2.0)
     _write_run(tmp_path / "none_s0", [0.1, 0.2, 0.3], {3: 0.2}, 1.5)
@@ -70,7 +68,7 @@ def test_main_writes_figures_and_summary(tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
-def test_no_metrics_is_an_error(tmp_path):
+def test_no_metrics_is_an_error(plot, tmp_path):
     os.makedirs(tmp_path / "r")
     open(tmp_path / "r" / "metrics.jsonl", "w").write('{"step": 1, "other": 1.0}\n')
     with pytest.raises(ValueError, match="no metrics to plot"):
