@@ -36,6 +36,7 @@ from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.scheduler.config import SchedulerConfig
+from ring_jax.train import init_from as init_from_lib
 from ring_jax.train.checkpoint import CheckpointConfig
 from ring_jax.train.optim import OptimConfig
 from ring_jax.train.sft import SFTConfig
@@ -171,6 +172,14 @@ class ExperimentConfig:
                          "needs engine.record_expert_ids=True (the engine records the routing)")
         config_lib.check(not self.rl.router_replay or self.model.is_moe, "rl.router_replay",
                          self.rl.router_replay, "needs a MoE model (model.num_experts > 0)")
+        if self.init_from:  # the path and its kind, before anything compiles (init_from.py)
+            init_from_lib.validate(self.init_from, self.model)
+        # Every estimator in rl/advantages.py is group-relative and zeroes groups with fewer
+        # than 2 members: with G = 1 every advantage is 0 and RL silently does nothing.
+        config_lib.check(self.rl.num_steps == 0 or s.group_size >= 2, "scheduler.group_size",
+                         s.group_size, f"must be >= 2 when rl.num_steps > 0: the "
+                         f"rl.advantage.estimator={self.rl.advantage.estimator!r} advantage of "
+                         "a group of one response is 0, so RL would not learn")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,8 +219,10 @@ def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
+        hint = config_lib.nearest(unknown[0], names)
         raise ConfigError(f"{prefix}{unknown[0]} is not a field of {cls.__name__}; "
-                          f"fields: {names}")
+                          + (f"nearest: {[prefix + h for h in hint]}; " if hint else "")
+                          + f"fields: {names}")
     kwargs = {}
     for name, value in values.items():
         sub = _dataclass_in(hints[name])
