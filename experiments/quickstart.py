@@ -19,11 +19,11 @@ Expected (2-core CPU): see README.md's quickstart section for the measured figur
 """
 import ml_collections
 
-from ring_jax.train.experiment import complete, model_section
+from ring_jax.train.experiment import complete, model_section, parse_config_arg
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = set(filter(None, arg.split(",")))
+    args, _ = parse_config_arg(arg, {"sync", "tis", "none", "kpop", "smoke"}, set())
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = model_section("tiny", moe_impl="capacity")
