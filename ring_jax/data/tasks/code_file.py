@@ -23,7 +23,7 @@ from typing import Any
 
 from ring_jax.config import check_int, check_one_of
 from ring_jax.data.sandbox import SandboxConfig, run_python
-from ring_jax.data.tasks.file_task import FileTask
+from ring_jax.data.tasks.file_task import FileTask, check_field
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _RESULT_MARKER = "__RING_JAX_RESULTS__"
@@ -75,6 +75,30 @@ class CodeFileTask(FileTask):
         super().__post_init__()
         check_one_of("mode", self.mode, ("fraction", "all"))
         check_int("max_tests", self.max_tests, min_value=1)
+
+    def row_problem(self, row):
+        problem = (check_field(row, "prompt", (str,)) or check_field(row, "tests", (list,))
+                   or check_field(row, "fn_name", (str,), required=False)
+                   or check_field(row, "solution", (str,), required=False))
+        if problem:
+            return problem
+        if not row["tests"]:
+            return "'tests' is empty"
+        # Function style calls fn(*input): input is the argument list. Stdio style feeds the
+        # input as text and compares printed tokens with the output.
+        function_style = bool(row.get("fn_name"))
+        for i, test in enumerate(row["tests"]):
+            if not isinstance(test, dict):
+                return f"tests[{i}] must be an object with 'input' and 'output'"
+            if function_style:  # any JSON value (null included) can be a return value
+                problem = check_field(test, "input", (list,)) or (
+                    None if "output" in test else "missing 'output'")
+            else:
+                problem = (check_field(test, "input", (str, int, float))
+                           or check_field(test, "output", (str, int, float)))
+            if problem:
+                return f"tests[{i}]: {problem}"
+        return None
 
     def _from_row(self, row):
         solution = row.get("solution")
