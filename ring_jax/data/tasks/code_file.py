@@ -21,10 +21,11 @@ import math
 import re
 from typing import Any
 
-from ring_jax.config import check_int, check_one_of
-from ring_jax.data.sandbox import SandboxConfig, run_python
+from ring_jax.config import ConfigError, check_int, check_one_of
+from ring_jax.data.sandbox import SandboxConfig, resolve_isolation, run_python
 from ring_jax.data.tasks.file_task import FileTask, check_field
 
+_DEFAULT_SANDBOX = SandboxConfig(wall_timeout_s=10.0, cpu_time_s=2)
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _RESULT_MARKER = "__RING_JAX_RESULTS__"
 
@@ -65,16 +66,30 @@ def _same(got: Any, expected: Any) -> bool:
 @dataclasses.dataclass(frozen=True)
 class CodeFileTask(FileTask):
     mode: str = "fraction"
-    sandbox: SandboxConfig = SandboxConfig(wall_timeout_s=10.0, cpu_time_s=2)
+    # A SandboxConfig, or (from an experiment config) a dict of fields to change in the default:
+    # ``task.kwargs.sandbox = dict(isolation="rlimits")`` opts in to limits-only execution.
+    sandbox: SandboxConfig = _DEFAULT_SANDBOX
     max_tests: int = 32
 
     name = "code"
     default_file = "code_sample.jsonl"
 
     def __post_init__(self):
+        if not isinstance(self.sandbox, SandboxConfig):  # from a config file: a dict / pairs
+            overrides = dict(self.sandbox)
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SandboxConfig)})
+            if unknown:
+                raise ConfigError(f"sandbox.{unknown[0]} is not a field of SandboxConfig")
+            object.__setattr__(self, "sandbox", dataclasses.replace(_DEFAULT_SANDBOX, **overrides))
         super().__post_init__()
         check_one_of("mode", self.mode, ("fraction", "all"))
         check_int("max_tests", self.max_tests, min_value=1)
+        # Untrusted code needs isolation this machine can give, or an explicit
+        # sandbox.isolation='rlimits': a config error now, not a warning at the first reward.
+        try:
+            resolve_isolation(self.sandbox)
+        except ConfigError as e:
+            raise ConfigError(f"sandbox.{e}") from None
 
     def row_problem(self, row):
         problem = (check_field(row, "prompt", (str,)) or check_field(row, "tests", (list,))
