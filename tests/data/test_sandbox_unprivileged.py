@@ -20,10 +20,9 @@ UNSHARE_USER = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--p
                 "--kill-child", "--mount-proc", "--", "true"]
 
 
-def _as_nobody():
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+# Popen drops privileges itself (no preexec_fn: Python code in a forked child of a
+# multithreaded process can deadlock).
+AS_NOBODY = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
 
 
 def _nobody_python(env: dict) -> list[str] | None:
@@ -37,7 +36,7 @@ def _nobody_python(env: dict) -> list[str] | None:
             probe = subprocess.run(
                 [python, "-c", "import sys, pytest, ring_jax.data.sandbox; "
                                f"assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"],
-                env=probe_env, preexec_fn=_as_nobody, capture_output=True, timeout=120)
+                env=probe_env, **AS_NOBODY, capture_output=True, timeout=120)
         except OSError:
             continue
         if probe.returncode == 0:
@@ -50,7 +49,7 @@ def _nobody_python(env: dict) -> list[str] | None:
                                               "runs as this unprivileged uid")
 def test_attack_suite_as_uid_65534():
     if shutil.which("unshare") is None or subprocess.run(
-            UNSHARE_USER, preexec_fn=_as_nobody, capture_output=True).returncode != 0:
+            UNSHARE_USER, **AS_NOBODY, capture_output=True).returncode != 0:
         pytest.skip("unprivileged user namespaces are not permitted here for uid 65534")
     home = tempfile.mkdtemp(prefix="ring_jax_nobody_")
     victim = tempfile.mkdtemp(prefix=".sandbox_victim_", dir=ROOT)  # writable, outside /tmp
@@ -65,7 +64,7 @@ def test_attack_suite_as_uid_65534():
         out = subprocess.run(
             [*python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
              f"--basetemp={home}/pytest", "tests/data/test_sandbox.py"],
-            cwd=ROOT, env=env, preexec_fn=_as_nobody, capture_output=True, text=True,
+            cwd=ROOT, env=env, **AS_NOBODY, capture_output=True, text=True,
             timeout=300)
         report = out.stdout[-4000:] + out.stderr[-2000:]
         assert out.returncode == 0, report
