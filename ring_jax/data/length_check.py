@@ -10,8 +10,8 @@ Two limits bite long after start-up otherwise:
     trains nothing, silently.
 
 `check_task_lengths` tokenizes the prompts the run will see: every row of a file task (up to
-``num_scanned``), the first ``num_scanned`` indices of a generated task (the training seed, the
-evaluation seed and the SFT seed), and the held-out split. A violation is a ConfigError naming
+MAX_FILE_ROWS), the first ``num_scanned`` indices of a generated task under each seed the run
+draws with (training, evaluation, SFT), and the held-out split. A violation is a ConfigError naming
 the field to raise, the longest prompt found and how many are too long.
 """
 from __future__ import annotations
@@ -20,20 +20,25 @@ from typing import Any, Iterable
 
 from ring_jax import config as config_lib
 
-DEFAULT_NUM_SCANNED = 256
+DEFAULT_NUM_SCANNED = 256  # problems per seed of a generated task
+MAX_FILE_ROWS = 100_000  # rows of a file task (all of them, up to this)
 
 
-def _indices(task: Any, num_scanned: int) -> range:
-    """File tasks have ``num_examples`` rows (scan them all, up to the cap); generated tasks
-    are unbounded (scan the first ``num_scanned``)."""
-    return range(min(getattr(task, "num_examples", num_scanned), num_scanned))
+def _draws(task: Any, seeds: Iterable[int], num_scanned: int) -> list[tuple[int, int]]:
+    """(index, seed) pairs to scan. A file task (it has ``num_examples``) ignores the seed:
+    each of its rows once. A generated task is unbounded: the first ``num_scanned`` indices
+    under every seed the run draws with."""
+    num_rows = getattr(task, "num_examples", None)
+    if num_rows is not None:
+        return [(i, 0) for i in range(min(num_rows, MAX_FILE_ROWS))]
+    return [(i, seed) for seed in dict.fromkeys(seeds) for i in range(num_scanned)]
 
 
-def prompt_lengths(task: Any, tokenizer: Any, seed: int, thinking: bool,
+def prompt_lengths(task: Any, tokenizer: Any, seeds: Iterable[int], thinking: bool,
                    num_scanned: int = DEFAULT_NUM_SCANNED) -> list[tuple[int, int]]:
-    """(index, chat-prompt tokens) of the first scanned indices of ``task`` under ``seed``."""
+    """(index, chat-prompt tokens) of the scanned problems of ``task``."""
     out = []
-    for index in _indices(task, num_scanned):
+    for index, seed in _draws(task, seeds, num_scanned):
         record = task.sample(index, seed)
         chat = tokenizer.apply_chat_template(record.prompt, thinking=thinking)
         out.append((index, len(tokenizer.encode(chat))))
@@ -58,8 +63,8 @@ def check_task_lengths(task: Any, tokenizer: Any, *, seeds: Iterable[int], think
     splits = [("train", task)]
     if (held_out := task.held_out()) is not task:
         splits.append(("held-out", held_out))
-    rl = [(name, i, n) for name, t in splits for seed in dict.fromkeys(seeds)
-          for i, n in prompt_lengths(t, tokenizer, seed, thinking, num_scanned)]
+    rl = [(name, i, n) for name, t in splits
+          for i, n in prompt_lengths(t, tokenizer, seeds, thinking, num_scanned)]
     count, scanned, longest = _too_long(rl, max_seq_len - 1)
     if count:
         config_lib.fail("scheduler.max_seq_len", max_seq_len,
@@ -68,7 +73,7 @@ def check_task_lengths(task: Any, tokenizer: Any, *, seeds: Iterable[int], think
                         f"tokens; raise scheduler.max_seq_len and engine.max_len above it, or "
                         "use shorter problems")
     if sft_seq_len:
-        examples = [("train", i, n) for i, n in prompt_lengths(task, tokenizer, sft_seed,
+        examples = [("train", i, n) for i, n in prompt_lengths(task, tokenizer, (sft_seed,),
                                                                sft_thinking, num_scanned)]
         count, scanned, longest = _too_long(examples, sft_seq_len)
         if count:

@@ -370,7 +370,7 @@ def save(path: str, cfg: ModelConfig, variables: dict, *, layout: str = "bailing
         raise ValueError("num_mtp_layers > 0: MTP weights have no HF mapping here")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"hf.save: {path} exists and is not a directory")
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # a symlinked directory is replaced where it lives
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

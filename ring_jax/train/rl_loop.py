@@ -33,7 +33,6 @@ import numpy as np
 from ring_jax import sharding
 from ring_jax.data import pipeline, rewards, tasks
 from ring_jax.data.tokenizer import get_tokenizer
-from ring_jax.config import ConfigError
 from ring_jax.model import Transformer
 from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine

@@ -95,3 +95,19 @@ def test_experiment_config_scans_at_config_time():
     values["sft"]["seq_len"] = 16
     with pytest.raises(ConfigError, match="sft.seq_len=16 is invalid"):
         experiment.from_config_dict(values)
+
+
+def test_every_row_of_a_file_is_scanned(tmp_path):
+    """Not just the first DEFAULT_NUM_SCANNED rows: the long row is number 300."""
+    task = tasks.get("math", path=_math_file(tmp_path, [5] * 299 + [200]), eval_fraction=0.0)
+    with pytest.raises(ConfigError, match="1 of 300 scanned prompts"):
+        length_check.check_task_lengths(task, TOK, seeds=(0, 7), thinking=True, max_seq_len=200)
+
+
+def test_generated_task_scans_each_seed():
+    task = tasks.get("addition", min_size=1, max_size=3)
+    lengths = [n for _, n in length_check.prompt_lengths(task, TOK, (0, 1), True, 10)]
+    assert len(lengths) == 20 and min(lengths) < max(lengths)  # sizes vary across problems
+    with pytest.raises(ConfigError, match="of 40 scanned prompts"):
+        length_check.check_task_lengths(task, TOK, seeds=(0, 1), thinking=True,
+                                        max_seq_len=max(lengths), num_scanned=20)
