@@ -3,7 +3,7 @@
 # each process with D fake CPU devices: the multi-host code path, runnable on one machine.
 #
 #   launch/multiprocess_localhost.sh [-n NUM_PROCESSES] [-d DEVICES_PER_PROCESS] -- \
-#       --config=experiments/quickstart.py:local --workdir=runs/mp
+#       --config=experiments/quickstart.py:smoke --workdir=runs/mp
 #
 # Process 0's output goes to the console and to $LOGDIR/process_0.log; the others' only to
 # $LOGDIR/process_<i>.log. The first process to fail stops the others; the exit status is the

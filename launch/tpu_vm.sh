@@ -4,7 +4,7 @@
 #
 #   launch/tpu_vm.sh setup TPU_NAME ZONE            # copy this checkout + install on all workers
 #   launch/tpu_vm.sh run   TPU_NAME ZONE -- --config=experiments/quickstart.py \
-#       --workdir=gs://BUCKET/runs/qs [--config.x=y ...]
+#       --workdir=gs://BUCKET/runs/qs [--config.rl.loss.alpha=0.5 ...]
 #   launch/tpu_vm.sh check TPU_NAME ZONE            # cross-worker psum self-check
 #
 # Use a gs:// workdir (or a disk every worker mounts): all workers write checkpoint shards.

@@ -6,6 +6,7 @@ a message that names the field and what it may be.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Iterable
 
 
@@ -50,3 +51,13 @@ def check(condition: bool, field: str, value: Any, allowed: str) -> None:
     """Fails with ``allowed`` as the explanation unless ``condition`` holds."""
     if not condition:
         fail(field, value, allowed)
+
+
+def nearest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
+    """The valid dotted field names closest to a mistyped one (``rl.icepop.alpha`` ->
+    ``rl.loss.alpha``): same last component first, then difflib's closest whole names."""
+    valid = sorted(valid)
+    leaf = name.rsplit(".", 1)[-1]
+    same_leaf = [v for v in valid if v.rsplit(".", 1)[-1] == leaf]
+    close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
+    return list(dict.fromkeys(same_leaf + close))[:n]

@@ -24,7 +24,8 @@ import time
 from absl import app, flags
 
 from ring_jax.data import tasks
-from ring_jax.data.sandbox import SandboxConfig, SandboxPool, namespaces_available, run_python
+from ring_jax.data.sandbox import (SandboxConfig, SandboxPool, namespaces_available, run_python,
+                                   user_namespaces_available)
 from ring_jax.data.tasks.base import PromptRecord
 
 FLAGS = flags.FLAGS
@@ -122,8 +123,10 @@ def bench_scoring() -> None:
 
 def main(argv):
     del argv
-    modes = ["rlimits"] + (["namespaces"] if namespaces_available() else [])
-    print(f"namespaces available: {namespaces_available()}")
+    modes = ["rlimits"] + [mode for mode, ok in (("namespaces", namespaces_available()),
+                                                 ("user_namespaces", user_namespaces_available()))
+                           if ok]
+    print(f"isolation modes available: {modes}")
     bench_latency(modes)
     bench_pool(modes[-1])
     bench_scoring()

@@ -14,10 +14,21 @@ Isolation modes (``cfg.isolation``), see ``sandbox_child.py`` for what the launc
   over every world-writable directory, new pid namespace (the parent and all other processes are
   invisible; leftovers die with it), unprivileged per-run uid (RLIMIT_NPROC enforced, root files
   read-only or unreadable). Checked on this machine (Linux 6.18, root, Nov 2026).
-* ``"rlimits"`` — fallback when namespaces are not permitted: resource limits and a process
-  group only. NOT network-isolated, and RLIMIT_NPROC does not bind root; use only for trusted
-  code or as an unprivileged user.
-* ``"auto"`` — namespaces if a probe run succeeds, else rlimits (with a warning).
+* ``"user_namespaces"`` — for non-root users (the usual case on clusters), where the kernel
+  allows unprivileged user namespaces (``unshare --user --map-root-user``): the same network,
+  mount and pid namespaces; the program runs as the invoking user (no other uid can be mapped)
+  with every mount read-only except its private tmpfs, and without capabilities. It can read
+  what the invoking user can read (no root-only files), and RLIMIT_NPROC counts the user's own
+  processes in this user namespace. Checked as uid 65534 on this machine (Dec 2026).
+* ``"rlimits"`` — resource limits and a process group only: NOT network-, filesystem- or
+  process-isolated (a daemon can outlive the run; files the user can write are writable).
+  Never chosen automatically: a config must ask for it explicitly.
+* ``"auto"`` — ``namespaces`` as root, else ``user_namespaces``, each if a probe run succeeds;
+  if neither works it is a ConfigError naming the fix (``isolation="rlimits"`` to accept
+  limits-only), not a silent fallback.
+
+The program's environment is always an allow-list (PATH, HOME, LANG,
+PYTHONDONTWRITEBYTECODE): API keys or tokens in the trainer's environment never reach it.
 
 Which limit was hit is read from the launcher's status pipe (exit signal, CPU time) and, for
 conditions Python turns into exceptions (MemoryError, EFBIG, EAGAIN on fork), from the tail of
@@ -28,7 +39,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import logging
 import os
 import selectors
 import shutil
@@ -44,6 +54,8 @@ from ring_jax.config import ConfigError, check, check_float, check_int, check_on
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 _UNSHARE = ("unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
+_UNSHARE_USER = ("unshare", "--user", "--map-root-user", *_UNSHARE[1:])
+ISOLATIONS = ("auto", "namespaces", "user_namespaces", "rlimits")
 LIMITS = ("wall_time", "cpu_time", "memory", "file_size", "processes", "output", "stack")
 
 
@@ -70,7 +82,7 @@ class SandboxConfig:
         check_int("max_output_bytes", self.max_output_bytes, min_value=1)
         check_int("tmpfs_mb", self.tmpfs_mb, min_value=1)
         check_int("stack_mb", self.stack_mb, min_value=1)
-        check_one_of("isolation", self.isolation, ("auto", "namespaces", "rlimits"))
+        check_one_of("isolation", self.isolation, ISOLATIONS)
         check_int("base_uid", self.base_uid, min_value=1000, max_value=(1 << 31) - (1 << 21))
         check(self.python == "auto" or os.path.isabs(self.python), "python", self.python,
               "must be 'auto' or an absolute path")
@@ -92,29 +104,53 @@ class SandboxResult:
         return self.exit_code == 0 and self.limit is None
 
 
-@functools.lru_cache(maxsize=None)
-def namespaces_available() -> bool:
-    """Whether ``unshare`` may create net+mount+pid namespaces here (root, no seccomp block)."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        return False
+def _probe(argv: Sequence[str]) -> bool:
     try:
-        probe = subprocess.run([*_UNSHARE, "--", "true"], capture_output=True, timeout=10)
+        probe = subprocess.run([*argv, "--", "true"], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
 
 
+@functools.lru_cache(maxsize=None)
+def namespaces_available() -> bool:
+    """Whether ``unshare`` may create net+mount+pid namespaces here (root, no seccomp block)."""
+    return shutil.which("unshare") is not None and os.geteuid() == 0 and _probe(_UNSHARE)
+
+
+@functools.lru_cache(maxsize=None)
+def user_namespaces_available() -> bool:
+    """Whether this (any) user may create a user namespace with net+mount+pid namespaces
+    (``kernel.unprivileged_userns_clone``, ``user.max_user_namespaces``, AppArmor/seccomp)."""
+    return shutil.which("unshare") is not None and _probe(_UNSHARE_USER)
+
+
+def best_isolation() -> str | None:
+    """The strongest isolation this process can get: "namespaces" (root), "user_namespaces",
+    or None."""
+    if namespaces_available():
+        return "namespaces"
+    return "user_namespaces" if user_namespaces_available() else None
+
+
 def resolve_isolation(cfg: SandboxConfig) -> str:
+    """The mode a run uses; ConfigError (field ``isolation``) when the asked-for isolation is
+    not possible here. "rlimits" is only ever the config's explicit choice."""
     if cfg.isolation == "namespaces":
         check(namespaces_available(), "isolation", cfg.isolation,
-              "needs root and a working `unshare` (use 'auto' or 'rlimits')")
-        return "namespaces"
-    if cfg.isolation == "auto" and namespaces_available():
-        return "namespaces"
-    if cfg.isolation == "auto":
-        logging.warning("sandbox: namespaces unavailable, falling back to rlimits only (no "
-                        "network isolation, no process-count limit for root)")
-    return "rlimits"
+              "needs root and a working `unshare` (use 'auto' or 'user_namespaces')")
+    elif cfg.isolation == "user_namespaces":
+        check(user_namespaces_available(), "isolation", cfg.isolation,
+              "needs `unshare` and unprivileged user namespaces (kernel.unprivileged_userns_"
+              "clone=1, user.max_user_namespaces > 0, no AppArmor/seccomp block)")
+    elif cfg.isolation == "auto":
+        best = best_isolation()
+        check(best is not None, "isolation", cfg.isolation,
+              "found no isolation here (namespaces need root; unprivileged user namespaces are "
+              "not permitted or `unshare` is missing): set isolation='rlimits' to run untrusted "
+              "code with resource limits only (no network, filesystem or process isolation)")
+        return best
+    return cfg.isolation
 
 
 def _world_executable(path: str) -> bool:
@@ -136,16 +172,23 @@ def _world_executable(path: str) -> bool:
 def resolve_python(choice: str, isolation: str) -> str:
     """The program's interpreter. With namespaces it runs as an unprivileged uid, which may not
     reach this process's interpreter (e.g. a pyenv under /root); ``/usr/bin/python3`` is then
-    the first choice."""
+    the first choice. Otherwise it runs as this user: this interpreter if this user may run
+    it (a process can be started from one it could not exec itself, e.g. by setpriv), else
+    ``/usr/bin/python3``."""
     if choice != "auto":
         return choice
-    if isolation != "namespaces":
-        return sys.executable
-    for candidate in ("/usr/bin/python3", sys.executable):
-        if _world_executable(candidate):
+    if isolation == "namespaces":
+        for candidate in ("/usr/bin/python3", sys.executable):
+            if _world_executable(candidate):
+                return candidate
+        raise ConfigError("python='auto' found no interpreter an unprivileged uid may run "
+                          "(/usr/bin/python3 missing, this one is not o+x): set "
+                          "SandboxConfig.python")
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        if os.access(candidate, os.X_OK):
             return candidate
-    raise ConfigError("python='auto' found no interpreter an unprivileged uid may run "
-                      "(/usr/bin/python3 missing, this one is not o+x): set SandboxConfig.python")
+    raise ConfigError(f"python='auto' found no interpreter this user may run ({sys.executable}, "
+                      "/usr/bin/python3): set SandboxConfig.python")
 
 
 class _UidAllocator:
@@ -218,8 +261,11 @@ def run_python(code: str, cfg: SandboxConfig = SandboxConfig(), stdin: str = "")
                 "memory_mb": cfg.memory_mb, "file_size_mb": cfg.file_size_mb,
                 "max_processes": cfg.max_processes, "tmpfs_mb": cfg.tmpfs_mb,
                 "stack_mb": cfg.stack_mb}
-        launcher = [sys.executable, "-I", "-S", _CHILD, *(f"{k}={v}" for k, v in spec.items())]
-        argv = [*_UNSHARE, "--", *launcher] if isolation == "namespaces" else launcher
+        # The launcher is stdlib-only: any interpreter this user may run will do.
+        launcher = [resolve_python("auto", "rlimits"), "-I", "-S", _CHILD,
+                    *(f"{k}={v}" for k, v in spec.items())]
+        prefix = {"namespaces": _UNSHARE, "user_namespaces": _UNSHARE_USER}.get(isolation, ())
+        argv = [*prefix, "--", *launcher] if prefix else launcher
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=host_dir, pass_fds=(status_w,),
                                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
@@ -298,7 +344,7 @@ class SandboxPool:
     def __init__(self, cfg: SandboxConfig = SandboxConfig(), num_workers: int | None = None):
         self.cfg = cfg
         self.num_workers = num_workers or max(2, os.cpu_count() or 2)
-        resolve_isolation(cfg)  # fail (or warn) now, not inside a worker
+        resolve_isolation(cfg)  # fail now, not inside a worker
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.num_workers, thread_name_prefix="sandbox")
 

@@ -3,7 +3,8 @@ json/ctypes unless needed, since their imports dominate its start-up time).
 
 It forks the untrusted program, waits for it, and writes "exit_code cpu_seconds maxrss_kb" to
 the status pipe ``status_fd`` (which the program never sees, so its report cannot be forged
-from inside).
+from inside). The program always gets a scrubbed environment (an allow-list: PATH, HOME,
+LANG, PYTHONDONTWRITEBYTECODE), whatever the trainer's environment holds.
 
 "namespaces" mode: this launcher runs as root and is pid 1 of fresh network, mount and pid
 namespaces (``unshare --net --mount --pid --fork --kill-child --mount-proc``). Before forking it
@@ -15,16 +16,36 @@ sets the limits and ``exec``s the interpreter with a scrubbed environment. When 
 exits or is killed (``--kill-child`` and its pdeathsig), the kernel kills every process left in
 the pid namespace, so forked or daemonized leftovers cannot outlive the run.
 
-"rlimits" mode (no namespaces, e.g. not root): the same fork/limits/exec in the host work dir;
-no network isolation, no uid change (RLIMIT_NPROC is then only meaningful for non-root users).
+"user_namespaces" mode (a non-root user, where unprivileged user namespaces are allowed):
+the same namespaces inside a new user namespace (``unshare --user --map-root-user ...``), so
+the launcher is "root" only over its own namespaces. The program can no longer be given another
+uid (only the invoking user's uid is mapped), so the launcher first remounts every mount
+read-only (the program's uid owns the user's files: without this it could write them, also
+through a symlink from its work dir), then mounts the private tmpfs as above, and the child
+enters a nested user namespace as uid 1000 before ``exec``: it holds no capability over the
+launcher's mount namespace, so it cannot unmount the tmpfs or remount anything writable.
+The network, the trainer's processes (and their /proc/<pid>/environ) and leftovers are
+handled by the net and pid namespaces as in root mode.
+
+"rlimits" mode (explicit opt-in only, see ``sandbox.py``): the same fork/limits/exec in the
+host work dir; no network, filesystem or process isolation, no uid change.
 """
 import os
 import resource
 import signal
 import sys
 
-MS_NOSUID, MS_NODEV = 2, 4
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+# Per-mount flags a read-only remount must repeat: the kernel refuses (EPERM) to clear flags
+# locked by a more privileged mount namespace, and a bind remount replaces all of them.
+MOUNT_OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+                      "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
+# Kernel interfaces whose writes are permission-checked per file, not by the mount.
+PSEUDO_FILESYSTEMS = ("proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue")
 PR_SET_PDEATHSIG = 1
+CLONE_NEWUSER = 0x10000000
+PROGRAM_UID = 1000  # the program's uid inside its nested user namespace (user_namespaces mode)
+TMPFS_TARGETS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
 INT_KEYS = ("status_fd", "uid", "cpu_time_s", "memory_mb", "file_size_mb", "max_processes",
@@ -46,19 +67,65 @@ def mount_tmpfs(libc, target: str, size_mb: int) -> None:
         raise OSError(f"mount tmpfs on {target} failed")
 
 
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    import re
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def remount_all_readonly(libc) -> None:
+    """Every writable mount of this (private) mount namespace becomes read-only; fails closed
+    if a real filesystem refuses."""
+    import ctypes
+    refused = []
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        target, options = _unescape(fields[4]), fields[5].split(",")
+        fstype = fields[fields.index("-") + 1]
+        if "ro" in options or fstype in PSEUDO_FILESYSTEMS:
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for option in options:
+            flags |= MOUNT_OPTION_FLAGS.get(option, 0)
+        if libc.mount(None, target.encode(), None, flags, None) != 0:
+            refused.append(f"{target} ({fstype}): {os.strerror(ctypes.get_errno())}")
+    if refused:
+        raise OSError("cannot make these mounts read-only: " + "; ".join(refused))
+
+
 def prepare_namespace(spec: dict, program: bytes, stdin: bytes) -> None:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    for target in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
+    user_mode = spec["isolation"] == "user_namespaces"
+    if user_mode:
+        remount_all_readonly(libc)
+    for target in TMPFS_TARGETS:
         mount_tmpfs(libc, target, spec["tmpfs_mb"])
     work = "/tmp/work"
     os.mkdir(work, 0o700)
     for name, data in (("program.py", program), ("stdin.txt", stdin)):
         with open(os.path.join(work, name), "wb") as f:
             f.write(data)
-        os.chown(os.path.join(work, name), spec["uid"], spec["uid"])
-    os.chown(work, spec["uid"], spec["uid"])
+        if not user_mode:  # user mode: the program's uid already owns what the launcher made
+            os.chown(os.path.join(work, name), spec["uid"], spec["uid"])
+    if not user_mode:
+        os.chown(work, spec["uid"], spec["uid"])
     os.chdir(work)
+
+
+def enter_nested_user_namespace() -> None:
+    """A user namespace below the launcher's, as PROGRAM_UID: after ``exec`` the program has
+    no capabilities, and none ever over the launcher's mount namespace (its tmpfs and
+    read-only mounts stay as they are)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{PROGRAM_UID} 0 1"),
+                       ("gid_map", f"{PROGRAM_UID} 0 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
 
 
 def exec_program(spec: dict, status_fd: int) -> None:
@@ -70,6 +137,9 @@ def exec_program(spec: dict, status_fd: int) -> None:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        elif spec["isolation"] == "user_namespaces":
+            enter_nested_user_namespace()
+        if spec["isolation"] != "rlimits":
             import ctypes
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         limits = {
@@ -101,7 +171,7 @@ def main() -> None:
         program = f.read()
     with open(os.path.join(spec["host_dir"], "stdin.txt"), "rb") as f:
         stdin = f.read()
-    if spec["isolation"] == "namespaces":
+    if spec["isolation"] != "rlimits":
         prepare_namespace(spec, program, stdin)
     else:
         os.chdir(spec["host_dir"])

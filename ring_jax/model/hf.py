@@ -11,15 +11,20 @@
 `load` streams: tensors are read one at a time from the safetensors files (a sharded
 `model.safetensors.index.json` is followed) and written into preallocated arrays of the
 target dtype, so peak host memory is one copy of the model plus one tensor. `save` writes
-tensor by tensor into shards of at most `max_shard_bytes`. Unknown or missing tensors raise
-a ValueError listing them. MTP weights are not converted (see `load`).
+tensor by tensor into shards of at most `max_shard_bytes`, atomically (a temporary directory
+that then replaces the target). Unknown or missing tensors, and tensors whose stored shape is
+not the HF shape the config implies (checked from the file headers before anything is read or
+reshaped), raise a ValueError naming them. MTP weights are not converted (see `load`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
+import shutil
+import uuid
 from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
@@ -129,6 +134,7 @@ class _Entry:
     path: tuple[str, ...]  # ('params', 'layers_1', 'moe', 'gate')
     shape: tuple[int, ...]
     names: tuple[str, ...]  # HF tensors this variable is made of
+    hf_shape: tuple[int, ...]  # the shape every one of `names` must have in the checkpoint
     to_ours: Callable[[list[np.ndarray]], np.ndarray]
     to_hf: Callable[[np.ndarray], list[np.ndarray]]
 
@@ -136,19 +142,19 @@ class _Entry:
 def _linear(path, shape, name):
     """torch Linear weight [out, in] <-> kernel [in, ...out] (reshaped)."""
     in_dim = shape[0]
-    return _Entry(path, shape, (name,), lambda t: t[0].T.reshape(shape),
-                  lambda w: [w.reshape(in_dim, -1).T])
+    return _Entry(path, shape, (name,), (math.prod(shape[1:]), in_dim),
+                  lambda t: t[0].T.reshape(shape), lambda w: [w.reshape(in_dim, -1).T])
 
 
 def _linear_out_first(path, shape, name):
     """torch Linear weight [out, in] <-> kernel [...in, out] (o projection [H, Q, D])."""
     out_dim = shape[-1]
-    return _Entry(path, shape, (name,), lambda t: t[0].T.reshape(shape),
-                  lambda w: [w.reshape(-1, out_dim).T])
+    return _Entry(path, shape, (name,), (out_dim, math.prod(shape[:-1])),
+                  lambda t: t[0].T.reshape(shape), lambda w: [w.reshape(-1, out_dim).T])
 
 
 def _copy(path, shape, name):
-    return _Entry(path, shape, (name,), lambda t: t[0].reshape(shape), lambda w: [w])
+    return _Entry(path, shape, (name,), shape, lambda t: t[0].reshape(shape), lambda w: [w])
 
 
 def _entries(cfg: ModelConfig, layout: str, stacked_experts: bool = False) -> list[_Entry]:
@@ -195,7 +201,7 @@ def _entries(cfg: ModelConfig, layout: str, stacked_experts: bool = False) -> li
         else:
             for w, s in (("gate", (E, D, F)), ("up", (E, D, F)), ("down", (E, F, D))):
                 names = tuple(f"{p}.mlp.experts.{e}.{w}_proj.weight" for e in range(E))
-                out.append(_Entry(M + (w,), s, names,
+                out.append(_Entry(M + (w,), s, names, s[:0:-1],
                                   lambda t: np.stack([x.T for x in t]),
                                   lambda w_: [x.T for x in w_]))
         if cfg.num_shared_experts:
@@ -213,18 +219,19 @@ def _fused_qkv(L, cfg, name):
     for w, (lo, hi) in bounds.items():
         def to_ours(t, lo=lo, hi=hi):
             return t[0].reshape(H + 2 * N, Q, D)[lo:hi].transpose(2, 0, 1)
-        out.append(_Entry(L + ("attn", w), (D, hi - lo, Q), (name,), to_ours, None))
+        out.append(_Entry(L + ("attn", w), (D, hi - lo, Q), (name,), ((H + 2 * N) * Q, D),
+                          to_ours, None))
     return out
 
 
 def _stacked_experts(M, cfg, prefix):
     """transformers-internal stacked layout: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
     E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    return [_Entry(M + ("gate",), (E, D, F), (f"{prefix}.gate_up_proj",),
+    return [_Entry(M + ("gate",), (E, D, F), (f"{prefix}.gate_up_proj",), (E, 2 * F, D),
                    lambda t: t[0][:, :F].transpose(0, 2, 1), None),
-            _Entry(M + ("up",), (E, D, F), (f"{prefix}.gate_up_proj",),
+            _Entry(M + ("up",), (E, D, F), (f"{prefix}.gate_up_proj",), (E, 2 * F, D),
                    lambda t: t[0][:, F:].transpose(0, 2, 1), None),
-            _Entry(M + ("down",), (E, F, D), (f"{prefix}.down_proj",),
+            _Entry(M + ("down",), (E, F, D), (f"{prefix}.down_proj",), (E, D, F),
                    lambda t: t[0].transpose(0, 2, 1), None)]
 
 
@@ -249,11 +256,32 @@ class _Reader:
                     weight_map.update({k: file for k in f.keys()})
         self.path, self.weight_map, self._open = path, weight_map, {}
 
-    def get(self, name: str) -> np.ndarray:
+    def _file(self, name: str):
         file = self.weight_map[name]
         if file not in self._open:
             self._open[file] = safe_open(os.path.join(self.path, file), framework="numpy")
-        return self._open[file].get_tensor(name)
+        return self._open[file]
+
+    def get(self, name: str) -> np.ndarray:
+        return self._file(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, from the file header (no tensor data is read)."""
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+
+def _check_shapes(reader: _Reader, entries: list[_Entry], path: str) -> None:
+    """Every HF tensor must have exactly its HF shape before any reshape: a transposed
+    `lm_head.weight` [D, V] has the element count of [V, D] and would load scrambled."""
+    wrong = {}
+    for entry in entries:
+        for name in entry.names:
+            if name not in wrong and (found := reader.shape(name)) != entry.hf_shape:
+                wrong[name] = f"{name}: expected {list(entry.hf_shape)}, found {list(found)}"
+    if wrong:
+        listed = list(wrong.values())
+        raise ValueError(f"checkpoint {path} has tensors of the wrong shape for its config.json: "
+                         + "; ".join(listed[:20]) + (" ..." if len(listed) > 20 else ""))
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -293,6 +321,7 @@ def load(path: str, *, param_dtype: str = "float32", **overrides) -> tuple[Model
         raise ValueError(f"checkpoint {path} does not match its config ({layout} layout): "
                          f"missing tensors {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
                          f"unknown tensors {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+    _check_shapes(reader, entries, path)
     variables: dict = {}
     for entry in entries:
         dtype = np.float32 if entry.path[0] == "router" else jnp.dtype(param_dtype)
@@ -302,8 +331,6 @@ def load(path: str, *, param_dtype: str = "float32", **overrides) -> tuple[Model
                 out[e] = reader.get(name).astype(np.float32).T
         else:
             out = entry.to_ours([reader.get(entry.names[0]).astype(np.float32)]).astype(dtype)
-        if out.shape != entry.shape:
-            raise ValueError(f"{entry.names[0]}: shape {out.shape} != expected {entry.shape}")
         _set(variables, entry.path, out)
     return cfg, variables
 
@@ -332,13 +359,65 @@ def save(path: str, cfg: ModelConfig, variables: dict, *, layout: str = "bailing
     """Writes config.json + safetensors shards (+ index when more than one) in `layout`.
 
     `dtype` (default cfg.param_dtype) is the stored dtype of the parameters; the expert bias
-    is always stored float32.
+    is always stored float32. Atomic: everything is written into a temporary sibling
+    directory that then replaces `path`, so an interrupted save leaves the previous one intact
+    and no shard or index of an earlier save survives a later one (`load` would follow a stale
+    index). Other files already in `path` (a tokenizer, a README) are carried over.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     if cfg.num_mtp_layers:
         raise ValueError("num_mtp_layers > 0: MTP weights have no HF mapping here")
-    os.makedirs(path, exist_ok=True)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"hf.save: {path} exists and is not a directory")
+    path = os.path.realpath(path)  # a symlinked directory is replaced where it lives
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)  # mkdir (not mkdtemp) so the directory gets the umask's permissions
+    try:
+        _write_checkpoint(tmp, cfg, variables, layout, dtype, max_shard_bytes)
+        if os.path.isdir(path):
+            _carry_over_other_files(path, tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in ("config.json", INDEX_FILE) or name.endswith(".safetensors")
+
+
+def _carry_over_other_files(old: str, new: str) -> None:
+    for name in os.listdir(old):
+        if _is_weight_file(name):
+            continue
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _replace_dir(new: str, path: str) -> None:
+    """Renames `new` onto `path`; an existing `path` is moved aside first and deleted after
+    (rename(2) cannot replace a non-empty directory)."""
+    if not os.path.exists(path):
+        os.rename(new, path)
+        return
+    old = f"{new}.old"
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old)
+
+
+def _write_checkpoint(path: str, cfg: ModelConfig, variables: dict, layout: str,
+                      dtype: str | None, max_shard_bytes: int) -> None:
     dtype = np.dtype(ml_dtypes.bfloat16) if (dtype or cfg.param_dtype) == "bfloat16" \
         else np.dtype(dtype or cfg.param_dtype)
     hf_cfg = config_to_hf(cfg, layout)

@@ -36,6 +36,7 @@ from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.scheduler.config import SchedulerConfig
+from ring_jax.train import init_from as init_from_lib
 from ring_jax.train.checkpoint import CheckpointConfig
 from ring_jax.train.optim import OptimConfig
 from ring_jax.train.sft import SFTConfig
@@ -171,6 +172,28 @@ class ExperimentConfig:
                          "needs engine.record_expert_ids=True (the engine records the routing)")
         config_lib.check(not self.rl.router_replay or self.model.is_moe, "rl.router_replay",
                          self.rl.router_replay, "needs a MoE model (model.num_experts > 0)")
+        # Every estimator in rl/advantages.py is group-relative and zeroes groups with fewer
+        # than 2 members: with G = 1 every advantage is 0 and RL silently does nothing.
+        config_lib.check(self.rl.num_steps == 0 or s.group_size >= 2, "scheduler.group_size",
+                         s.group_size, f"must be >= 2 when rl.num_steps > 0: the "
+                         f"rl.advantage.estimator={self.rl.advantage.estimator!r} advantage of "
+                         "a group of one response is 0, so RL would not learn")
+        if self.init_from:  # the path and its kind, before anything compiles (init_from.py)
+            init_from_lib.validate(self.init_from, self.model)
+        self._check_task_lengths()
+
+    def _check_task_lengths(self) -> None:
+        """Prompts that cannot fit scheduler.max_seq_len, and SFT examples sft.seq_len would
+        cut to nothing, fail now rather than after the SFT stage (`data/length_check.py`)."""
+        from ring_jax.data import length_check, tasks
+        from ring_jax.data.tokenizer import get_tokenizer
+        length_check.check_task_lengths(
+            tasks.get(self.task.name, **dict(self.task.kwargs)),
+            get_tokenizer(self.task.tokenizer),
+            seeds=(self.seed, self.seed + self.eval.seed_offset), thinking=self.task.thinking,
+            max_seq_len=self.scheduler.max_seq_len,
+            sft_seq_len=self.sft.seq_len if self.sft.num_steps else 0, sft_seed=self.sft.seed,
+            sft_thinking=self.sft.thinking)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,8 +233,10 @@ def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
+        hint = config_lib.nearest(unknown[0], names)
         raise ConfigError(f"{prefix}{unknown[0]} is not a field of {cls.__name__}; "
-                          f"fields: {names}")
+                          + (f"nearest: {[prefix + h for h in hint]}; " if hint else "")
+                          + f"fields: {names}")
     kwargs = {}
     for name, value in values.items():
         sub = _dataclass_in(hints[name])

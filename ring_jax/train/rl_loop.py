@@ -3,7 +3,8 @@
 One controller (this Python process; one per host in a multi-host run) drives SPMD programs:
 
   setup      mesh, tokenizer, task, model, reward function
-  SFT        Long-CoT SFT warm start on the task's worked solutions (`train/sft.py`), resumable
+  SFT        Long-CoT SFT warm start on the task's worked solutions (`train/sft.py`), resumable;
+             it starts from ``init_from`` when one is given (`train/init_from.py`)
   restore    the latest RL checkpoint (one consistent cut: train state + scheduler state,
              including unfinished rollouts and the prompt-iterator position), else initialise
              from the SFT stage / ``init_from`` (an SFT or RL workdir, or a local HF checkpoint
@@ -32,13 +33,13 @@ import numpy as np
 from ring_jax import sharding
 from ring_jax.data import pipeline, rewards, tasks
 from ring_jax.data.tokenizer import get_tokenizer
-from ring_jax.config import ConfigError
-from ring_jax.model import Transformer, hf
+from ring_jax.model import Transformer
 from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine
 from ring_jax.scheduler import Scheduler
 from ring_jax.train import checkpoint as checkpoint_lib
 from ring_jax.train import distributed, evaluate, experiment, optim, rl_step, sft
+from ring_jax.train import init_from as init_from_lib
 from ring_jax.train import metrics as metrics_lib
 
 CONSOLE_FIELDS = {"reward": "rl/reward_mean", "eval": "eval/pass@1",
@@ -99,38 +100,25 @@ def _to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _load_hf(path: str, model_cfg) -> dict:
-    """Variables of a local HF checkpoint (BailingMoeV2 / Glm4Moe); its architecture must be
-    the experiment's ``model`` (dtypes and the MoE dispatch may differ)."""
-    hf_cfg, variables = hf.load(path, param_dtype=model_cfg.param_dtype)
-    free = ("param_dtype", "dtype", "moe_impl", "capacity_factor", "min_capacity",
-            "num_mtp_layers", "initializer_range")
-    diff = {f.name: (getattr(hf_cfg, f.name), getattr(model_cfg, f.name))
-            for f in dataclasses.fields(model_cfg) if f.name not in free
-            and getattr(hf_cfg, f.name) != getattr(model_cfg, f.name)}
-    if diff:
-        raise ConfigError(f"init_from={path!r}: the checkpoint's architecture differs from "
-                          f"model: " + ", ".join(f"model.{k}={v[1]!r} but the checkpoint has "
-                                                 f"{v[0]!r}" for k, v in sorted(diff.items())))
-    return variables
+def policy_source(cfg, workdir: str) -> str:
+    """Where a new RL run's policy comes from: the SFT stage when it ran (it started from
+    ``init_from``), else ``init_from``; "" for a fresh init."""
+    return os.path.join(workdir, "sft") if cfg.sft.num_steps else cfg.init_from
 
 
 def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
     """Fresh RL state placed on the mesh, with the policy from SFT / ``init_from`` if any and
-    ``load_policy`` (a resumed run restores its own checkpoint over this state instead)."""
+    ``load_policy`` (a resumed run restores its own checkpoint over this state instead). SFT
+    itself started from ``init_from``, so with SFT steps the policy is the SFT result."""
     tokens = jnp.zeros((1, cfg.scheduler.max_seq_len), jnp.int32)
     with sharding.use_mesh(mesh):
         var_shardings = sharding.param_shardings(
             mesh, sharding.param_logical_axes(model, tokens))
         variables = jax.jit(model.init, out_shardings=var_shardings)(
             jax.random.key(cfg.seed), tokens)
-        policy_dir = cfg.init_from or (os.path.join(workdir, "sft") if cfg.sft.num_steps else "")
-        policy_dir = policy_dir if load_policy else ""
-        if policy_dir and os.path.exists(os.path.join(policy_dir, "config.json")) and \
-                not os.path.isdir(os.path.join(policy_dir, "checkpoints")):
-            variables = jax.device_put(_load_hf(policy_dir, cfg.model), var_shardings)
-        elif policy_dir:
-            variables = sft.load_policy(policy_dir, variables)
+        policy_dir = policy_source(cfg, workdir)
+        if policy_dir and load_policy:
+            variables = init_from_lib.load_policy(policy_dir, cfg.model, variables)
         params = variables["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": jax.jit(tx.init)(params), "router": variables.get("router", {})}
@@ -139,6 +127,7 @@ def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
 def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     """Runs (or resumes) the experiment in ``workdir``; returns the final evaluation."""
     # ---------------------------------------------------------------- setup
+    init_from_lib.check_workdir(cfg.init_from, workdir, cfg.sft.num_steps)
     distributed.maybe_initialize()
     is_main = distributed.is_main()
     os.makedirs(workdir, exist_ok=True)
@@ -155,7 +144,10 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     if cfg.sft.num_steps:
         sft.train_sft(model, task, tokenizer, os.path.join(workdir, "sft"), cfg.sft,
                       cfg.sft_optim, cfg.checkpoint, rng=jax.random.key(cfg.seed),
-                      is_main=is_main)
+                      is_main=is_main, initial_policy=(
+                          (lambda target: init_from_lib.load_policy(cfg.init_from, cfg.model,
+                                                                    target))
+                          if cfg.init_from else None))
 
     # ---------------------------------------------------------------- restore or initialise
     tx = optim.make_optimizer(cfg.rl.optim)

@@ -269,12 +269,15 @@ def make_sft_train_step(model, tx: optax.GradientTransformation, cfg: SFTConfig,
 def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConfig,
               optim_cfg: optim.OptimConfig,
               ckpt_cfg: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig(),
-              *, rng: jax.Array | None = None, is_main: bool | None = None) -> SFTState:
+              *, rng: jax.Array | None = None, is_main: bool | None = None,
+              initial_policy: Callable[[dict], dict] | None = None) -> SFTState:
     """Runs (or resumes) the SFT stage in `directory`; returns the final state.
 
     directory gets checkpoints/ (state + data position), metrics.jsonl, tensorboard/. A
     directory holding a checkpoint resumes from it; one at `cfg.num_steps` returns at once.
-    Initialise RL from it with `load_policy(directory, target)`.
+    Initialise RL from it with `load_policy(directory, target)`. `initial_policy` maps the
+    freshly initialised {"params", "router"} to the ones a new stage starts from (the
+    experiment's ``init_from``); the optimizer state is initialised from those.
 
     Runs on the default device of one process (the model is tiny/small for this stage); a
     sharded SFT would jit `make_sft_train_step` with shardings, as the RL loop does.
@@ -286,6 +289,9 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
     with checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints"), ckpt_cfg) as ckpt:
         if ckpt.latest_step() is None:
             state = init_sft_state(model, tx, rng, cfg.seq_len)
+            if initial_policy is not None:
+                policy = initial_policy({"params": state["params"], "router": state["router"]})
+                state = {**state, **policy, "opt_state": tx.init(policy["params"])}
         else:
             # Shapes only: a resumed (or finished) stage never pays for the model's init.
             target = jax.eval_shape(lambda: init_sft_state(model, tx, rng, cfg.seq_len))
@@ -319,7 +325,10 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
 def load_policy(directory: str | os.PathLike, target: Mapping[str, Any],
                 step: int | None = None) -> dict:
     """{"params", "router"} of an SFT run in `directory` (latest step by default), placed like
-    `target` (arrays or ShapeDtypeStructs with shardings: any mesh)."""
+    `target` (arrays or ShapeDtypeStructs with shardings: any mesh). Reads only: a directory
+    without checkpoints/ is an error, not a new empty checkpoint directory."""
+    if not os.path.isdir(os.path.join(directory, "checkpoints")):
+        raise FileNotFoundError(f"no SFT/RL checkpoints in {directory} (checkpoints/ missing)")
     with checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
         restored = ckpt.restore({"params": target["params"], "router": target["router"]},
                                 step, partial=True)

@@ -8,10 +8,14 @@ from hypothesis import given, settings, strategies as st
 from ring_jax.config import ConfigError
 from ring_jax.data import tasks
 from ring_jax.data.pipeline import PromptSource, prompt_dataset
-from ring_jax.data.sandbox import namespaces_available
+from ring_jax.data.sandbox import best_isolation
 from ring_jax.data.tasks.code_file import extract_code
 from ring_jax.data.tasks.math_file import looks_expensive
 from ring_jax.data.tokenizer import ByteTokenizer
+
+
+# Where no isolation is possible a code task must opt in to limits-only explicitly.
+CODE_KW = {} if best_isolation() else {"sandbox": {"isolation": "rlimits"}}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def math_task():
 
 @pytest.fixture(scope="module")
 def code_task():
-    return tasks.get("code")
+    return tasks.get("code", **CODE_KW)
 
 
 def test_math_bundled_solutions_score_one_and_corruptions_zero(math_task):
@@ -114,7 +118,7 @@ def test_file_rows_split_into_disjoint_train_and_held_out_sets(tmp_path):
     assert set(prompts(tasks.get("math", eval_fraction=0.25, **kw).held_out())) == set(
         prompts(held_out))
     # The bundled samples hold out at least one row; no split, no held-out rows.
-    assert tasks.get("code").held_out().num_examples >= 1
+    assert tasks.get("code", **CODE_KW).held_out().num_examples >= 1
     assert tasks.get("math", eval_fraction=0.0, **kw).held_out().num_examples == 42
     assert tasks.get("addition").held_out() == tasks.get("addition")
     with pytest.raises(ConfigError, match="eval_fraction"):
@@ -152,7 +156,7 @@ def test_code_wrong_partial_and_hostile(code_task):
     assert score("def add(a, b):\n    return a - b").reward == 0.0
     partial = score("def add(a, b):\n    return a + b if abs(a) < 100 else 0")
     assert partial.reward == pytest.approx(2 / 3) and not partial.details["correct"]
-    strict = tasks.get("code", mode="all")
+    strict = tasks.get("code", mode="all", **CODE_KW)
     assert score("def add(a, b):\n    return a + b if abs(a) < 100 else 0", strict).reward == 0
     # Printing a forged results line with wrong values and exiting early earns nothing.
     forged = score("import sys\nprint('__RING_JAX_RESULTS__[[\"ok\", 0], [\"ok\", 1], "
@@ -173,8 +177,8 @@ def test_code_stdio_checks_output(code_task):
 
 
 def test_code_sandbox_mode_is_namespaced_when_possible(code_task):
-    assert code_task.sandbox.isolation == "auto"
-    if namespaces_available():
+    assert code_task.sandbox.isolation == ("auto" if best_isolation() else "rlimits")
+    if best_isolation():  # the program runs as a non-root uid (200000+ or 1000)
         record = code_task.sample(0, 0)
         probe = "import os\ndef add(a, b):\n    return a + b + (os.getuid() == 0)"
         assert code_task.score(record, f"</think>```python\n{probe}\n```").reward == 1.0
@@ -192,6 +196,6 @@ def test_parquet_file(tmp_path):
 @settings(max_examples=30, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("`pythonde f():\nreturn1+x")), max_size=60))
 def test_code_never_raises(text):
-    task = tasks.get("code")
+    task = tasks.get("code", **CODE_KW)
     result = task.score(task.sample(0, 0), "</think>" + text)
     assert 0.0 <= result.reward <= 1.0 and "error" not in result.details, result.details

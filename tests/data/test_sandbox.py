@@ -1,43 +1,59 @@
 """Sandbox attack suite: every attack contained and reported, the test machine unharmed.
 
 All attacks run concurrently in one SandboxPool (module fixture) to keep the suite short. The
-fork bombs, writes outside the work dir, parent-env reads, network and kill attacks only run
-with namespaces: as root in "rlimits" mode they would really succeed (RLIMIT_NPROC does not bind
-root, there is no uid change), so those tests skip where namespaces are missing.
+fork bombs, daemons, writes outside the work dir (directly and through a symlink), parent-env
+reads, network and kill attacks run with the strongest isolation this process gets: root
+namespaces, or unprivileged user namespaces for a non-root user. Without either ("rlimits",
+an explicit opt-in) they would really succeed, so those tests skip there.
+`tests/data/test_sandbox_unprivileged.py` reruns this file as uid 65534 when the suite runs as
+root, so both the root and the non-root isolation are attacked on every run.
+
+RING_JAX_SANDBOX_VICTIM_DIR: a directory this user may write outside /tmp (the unprivileged
+rerun passes one), for the writes that namespaces must turn read-only rather than hide.
 """
 import concurrent.futures
 import dataclasses
 import os
+import pathlib
 import signal
 import socket
 
 import pytest
 
 from ring_jax.config import ConfigError
-from ring_jax.data.sandbox import SandboxConfig, SandboxPool, namespaces_available, run_python
+from ring_jax.data import sandbox
+from ring_jax.data.sandbox import SandboxConfig, SandboxPool, best_isolation, run_python
 
-NS = namespaces_available()
-needs_ns = pytest.mark.skipif(not NS, reason="needs root + unshare (namespaces isolation)")
+ISOLATION = best_isolation()  # "namespaces" (root), "user_namespaces" or None
+NS = ISOLATION is not None
+needs_ns = pytest.mark.skipif(not NS, reason="needs root namespaces or unprivileged user "
+                                             "namespaces (unshare)")
 BASE_UID = 300_000  # separate from the library default, so leftovers are attributable
 # A generous wall limit so CPU-bound attacks hit the CPU limit even on a loaded machine; the
 # attacks that can only end by the wall clock (sleeping) use the short one.
 CFG = SandboxConfig(wall_timeout_s=30.0, cpu_time_s=1, memory_mb=256, file_size_mb=4,
                     max_processes=8, max_output_bytes=16_384, tmpfs_mb=16,
-                    isolation="namespaces" if NS else "rlimits", base_uid=BASE_UID)
+                    isolation=ISOLATION or "rlimits", base_uid=BASE_UID)
 SHORT_CFG = dataclasses.replace(CFG, wall_timeout_s=3.0)
 WALL_BOUND = {"sleep_forever", "fork_bomb_persistent"}
 SECRET = "ring-jax-secret-4f9a"
+ENV_ALLOWED = {"PATH", "HOME", "LANG", "PYTHONDONTWRITEBYTECODE"}
 
 
-def sandbox_uids_alive():
-    """Processes on this machine owned by any sandbox uid of this test's range."""
+def sandbox_programs_alive():
+    """Sandboxed programs still running on this machine: processes of this test's uid range
+    (root namespaces), or of this user running a sandbox ``program.py`` (user namespaces)."""
     alive = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             uid = os.stat(f"/proc/{pid}").st_uid
-        except FileNotFoundError:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
             continue
-        if BASE_UID <= uid < BASE_UID + (1 << 21):
+        if ISOLATION == "namespaces" and BASE_UID <= uid < BASE_UID + (1 << 21):
+            alive.append(pid)
+        elif ISOLATION == "user_namespaces" and uid == os.geteuid() and b"program.py" in cmdline:
             alive.append(pid)
     return alive
 
@@ -45,7 +61,9 @@ def sandbox_uids_alive():
 @pytest.fixture(scope="module")
 def host_victims(tmp_path_factory):
     """Host resources attacks aim at: a world-writable file in /tmp and a listener."""
-    victim = tmp_path_factory.mktemp("victim") / "keep.txt"
+    victim_dir = os.environ.get("RING_JAX_SANDBOX_VICTIM_DIR")
+    victim = (pathlib.Path(victim_dir) if victim_dir
+              else tmp_path_factory.mktemp("victim")) / "keep.txt"
     victim.write_text("original")
     os.chmod(victim, 0o666)
     os.chmod(victim.parent, 0o777)
@@ -69,6 +87,7 @@ ATTACKS = {
     "deep_recursion": "def f(n):\n    return f(n + 1)\nf(0)",
     "deep_recursion_unlimited": ("import sys\nsys.setrecursionlimit(10**8)\n"
                                  "def f(n):\n    return f(n + 1) + 1\nf(0)"),
+    "environment": "import os\nprint(sorted(os.environ))\nprint(dict(os.environ))",
 }
 
 
@@ -81,11 +100,15 @@ def results(host_victims):
         if not NS:  # the attacks below would really succeed as root without namespaces
             return _run_all(codes)
         codes["write_outside"] = (
-            "import os\nfor p in [{v!r}, '/work/pwned', os.path.expanduser('~root/pwned'), "
+            "import os\nos.symlink({v!r}, 'link')\n"
+            "for p in [{v!r}, 'link', '/work/pwned', os.path.expanduser('~root/pwned'), "
             "'/etc/pwned', '/tmp/pwned_by_sandbox']:\n"
             "    try:\n        open(p, 'w').write('pwned')\n        print('WROTE', p)\n"
             "    except OSError as e:\n        print('DENIED', p, e.errno)\n"
         ).format(v=host_victims["victim"])
+        # A daemon (fork, setsid, parent exits) must not outlive the run.
+        codes["daemon"] = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+                           "    time.sleep(300)\nprint('parent exits')\n")
         codes["read_parent_env"] = (
             "import os\nprint(dict(os.environ))\n"
             f"for pid in [{parent}, os.getppid()]:\n"
@@ -168,6 +191,21 @@ def test_writes_outside_workdir(results, host_victims):
     # /tmp is a private tmpfs: the write "succeeds" there and vanishes with the namespace.
     assert "WROTE /tmp/pwned_by_sandbox" in r.stdout
     assert "WROTE /work" not in r.stdout and "WROTE /etc" not in r.stdout
+    assert "WROTE link" not in r.stdout and f"WROTE {host_victims['victim']}" not in r.stdout
+
+
+def test_environment_is_an_allow_list_in_every_mode(results):
+    """The trainer's environment (API keys, tokens) never reaches the program, even with
+    rlimits only."""
+    r = results["environment"]
+    assert set(eval(r.stdout.splitlines()[0])) <= ENV_ALLOWED, r.stdout
+    assert SECRET not in r.stdout
+
+
+@needs_ns
+def test_daemon_does_not_outlive_the_run(results):
+    assert "parent exits" in results["daemon"].stdout
+    assert sandbox_programs_alive() == []
 
 
 @needs_ns
@@ -187,14 +225,22 @@ def test_network_is_unreachable(results, host_victims):
 @needs_ns
 def test_kill_parent_fails(results):
     r = results["kill_parent"]
-    assert r.stdout.count("DENIED") == 2 and "KILLED" not in r.stdout, r.stdout
+    if ISOLATION == "namespaces":
+        assert r.stdout.count("DENIED") == 2 and "KILLED" not in r.stdout, r.stdout
+    else:
+        # The trainer is outside the pid namespace; the program's parent is the launcher, pid 1
+        # of the namespace and of the program's own uid: the kernel accepts kill(1, SIGKILL)
+        # from inside and drops it (init is immune), so the launcher survives and reports.
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith("DENIED") and lines[1] in ("KILLED 1", "DENIED 1 1"), lines
+        assert r.exit_code == 0 and r.cpu_s is not None  # the launcher's status report
 
 
 @needs_ns
 def test_fork_bombs_contained_and_cleaned_up(results):
     assert results["fork_bomb"].limit == "processes"
     assert results["fork_bomb_persistent"].limit in ("wall_time", "cpu_time", "processes")
-    assert sandbox_uids_alive() == []
+    assert sandbox_programs_alive() == []
 
 
 @needs_ns
@@ -203,7 +249,11 @@ def test_runs_as_unprivileged_uid_in_private_namespaces():
            "if p.isdigit()]))"
     r = run_python(code, CFG)
     uid, pid, visible = map(int, r.stdout.split())
-    assert uid >= BASE_UID and pid == 2 and visible == 2  # launcher (pid 1) + itself
+    if ISOLATION == "namespaces":
+        assert uid >= BASE_UID
+    else:  # the invoking user, seen as uid 1000 of the program's nested user namespace
+        assert uid == 1000
+    assert pid == 2 and visible == 2  # launcher (pid 1) + itself
 
 
 def test_result_streams_and_exit_codes():
@@ -227,3 +277,19 @@ def test_config_validation():
         SandboxConfig(isolation="docker")
     with pytest.raises(ConfigError, match="memory_mb"):
         SandboxConfig(memory_mb=1)
+
+
+def test_auto_without_isolation_is_an_error_not_a_fallback(monkeypatch):
+    """Where neither namespaces nor user namespaces work, untrusted code needs an explicit
+    isolation='rlimits' (before, 'auto' fell back to it with a log warning)."""
+    from ring_jax.data import tasks
+    monkeypatch.setattr(sandbox, "best_isolation", lambda: None)
+    with pytest.raises(ConfigError, match="isolation='auto' is invalid: found no isolation "
+                                          "here.*set isolation='rlimits'"):
+        sandbox.resolve_isolation(SandboxConfig())
+    with pytest.raises(ConfigError, match="sandbox.isolation='auto' is invalid"):
+        tasks.get("code")
+    opted_in = tasks.get("code", sandbox={"isolation": "rlimits"})
+    assert opted_in.sandbox.isolation == "rlimits" and opted_in.sandbox.cpu_time_s == 2
+    with pytest.raises(ConfigError, match="sandbox.isolatoin is not a field"):
+        tasks.get("code", sandbox={"isolatoin": "rlimits"})

@@ -21,10 +21,11 @@ import math
 import re
 from typing import Any
 
-from ring_jax.config import check_int, check_one_of
-from ring_jax.data.sandbox import SandboxConfig, run_python
-from ring_jax.data.tasks.file_task import FileTask
+from ring_jax.config import ConfigError, check_int, check_one_of
+from ring_jax.data.sandbox import SandboxConfig, resolve_isolation, run_python
+from ring_jax.data.tasks.file_task import FileTask, check_field
 
+_DEFAULT_SANDBOX = SandboxConfig(wall_timeout_s=10.0, cpu_time_s=2)
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _RESULT_MARKER = "__RING_JAX_RESULTS__"
 
@@ -65,16 +66,54 @@ def _same(got: Any, expected: Any) -> bool:
 @dataclasses.dataclass(frozen=True)
 class CodeFileTask(FileTask):
     mode: str = "fraction"
-    sandbox: SandboxConfig = SandboxConfig(wall_timeout_s=10.0, cpu_time_s=2)
+    # A SandboxConfig, or (from an experiment config) a dict of fields to change in the default:
+    # ``task.kwargs.sandbox = dict(isolation="rlimits")`` opts in to limits-only execution.
+    sandbox: SandboxConfig = _DEFAULT_SANDBOX
     max_tests: int = 32
 
     name = "code"
     default_file = "code_sample.jsonl"
 
     def __post_init__(self):
+        if not isinstance(self.sandbox, SandboxConfig):  # from a config file: a dict / pairs
+            overrides = dict(self.sandbox)
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SandboxConfig)})
+            if unknown:
+                raise ConfigError(f"sandbox.{unknown[0]} is not a field of SandboxConfig")
+            object.__setattr__(self, "sandbox", dataclasses.replace(_DEFAULT_SANDBOX, **overrides))
         super().__post_init__()
         check_one_of("mode", self.mode, ("fraction", "all"))
         check_int("max_tests", self.max_tests, min_value=1)
+        # Untrusted code needs isolation this machine can give, or an explicit
+        # sandbox.isolation='rlimits': a config error now, not a warning at the first reward.
+        try:
+            resolve_isolation(self.sandbox)
+        except ConfigError as e:
+            raise ConfigError(f"sandbox.{e}") from None
+
+    def row_problem(self, row):
+        problem = (check_field(row, "prompt", (str,)) or check_field(row, "tests", (list,))
+                   or check_field(row, "fn_name", (str,), required=False)
+                   or check_field(row, "solution", (str,), required=False))
+        if problem:
+            return problem
+        if not row["tests"]:
+            return "'tests' is empty"
+        # Function style calls fn(*input): input is the argument list. Stdio style feeds the
+        # input as text and compares printed tokens with the output.
+        function_style = bool(row.get("fn_name"))
+        for i, test in enumerate(row["tests"]):
+            if not isinstance(test, dict):
+                return f"tests[{i}] must be an object with 'input' and 'output'"
+            if function_style:  # any JSON value (null included) can be a return value
+                problem = check_field(test, "input", (list,)) or (
+                    None if "output" in test else "missing 'output'")
+            else:
+                problem = (check_field(test, "input", (str, int, float))
+                           or check_field(test, "output", (str, int, float)))
+            if problem:
+                return f"tests[{i}]: {problem}"
+        return None
 
     def _from_row(self, row):
         solution = row.get("solution")

@@ -16,7 +16,7 @@ import re
 
 from ring_jax.config import check_int
 from ring_jax.data.tasks.base import extract_answer, last_boxed
-from ring_jax.data.tasks.file_task import FileTask
+from ring_jax.data.tasks.file_task import FileTask, check_field
 
 _MAX_ANSWER_CHARS = 300
 
@@ -91,6 +91,11 @@ class MathFileTask(FileTask):
     def __post_init__(self):
         super().__post_init__()
         check_int("max_response_chars", self.max_response_chars, min_value=1)
+
+    def row_problem(self, row):
+        return (check_field(row, self.question_key, (str,))
+                or check_field(row, self.answer_key, (str, int, float))
+                or check_field(row, self.solution_key, (str,), required=False))
 
     def _from_row(self, row):
         gold = str(row[self.answer_key])
