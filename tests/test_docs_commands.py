@@ -140,8 +140,21 @@ def doc_cwd(tmp_path, monkeypatch):
     repository's, and the SFT workdirs a command starts from (``--config.init_from=``, made
     by an earlier command of the same doc) exist as finished-checkpoint stand-ins."""
     os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")
+    _write_fork_module(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _write_fork_module(root) -> None:
+    """BUILD.md's "Fork a correction" example as the file it tells the reader to write
+    (`my_fork/masks.py`), so the commands that select it validate against the doc's own code."""
+    with open(os.path.join(ROOT, "BUILD.md"), encoding="utf-8") as f:
+        section = f.read().split("### Fork a correction", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    os.makedirs(root / "my_fork", exist_ok=True)
+    (root / "my_fork" / "__init__.py").write_text("")
+    (root / "my_fork" / "masks.py").write_text(code)
 
 
 @pytest.mark.parametrize("name,args", COMMANDS, ids=[name for name, _ in COMMANDS])

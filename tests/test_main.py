@@ -34,7 +34,7 @@ def test_overrides_reach_the_validated_config():
     (("--config.rl.loss.alfa=0.5",), "unknown config field 'rl.loss.alfa'; nearest valid "
                                      "fields: rl.loss.alpha"),
     (("--config.nonsense_xyz=1",), "unknown config field 'nonsense_xyz'"),
-    (("--config.rl.loss.alpha=2",), "rl.loss.alpha=2.0 is invalid: must be <= 1.0"),
+    (("--config.rl.loss.alpha=2",), "rl.loss.alpha=2.0 is invalid: must be <= 1"),
     (("--config.scheduler.group_size=1", "--config.scheduler.batch_size=8",
       "--config.rl.num_minibatches=1"),
      "scheduler.group_size=1 is invalid: must be >= 2 when rl.num_steps > 0"),
