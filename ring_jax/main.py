@@ -5,6 +5,11 @@ overridden on the command line (``--config.rl.loss.alpha=0.3``). It is validated
 dataclasses (`ring_jax.train.experiment`) before anything compiles, so a bad value fails at once
 with the field's dotted name. A ``--workdir`` holding a checkpoint resumes; every run writes
 ``config.json``, ``metrics.jsonl``, TensorBoard events and checkpoints there.
+
+Exit codes: 0 done (or already finished); 75 stopped by SIGTERM after saving a checkpoint
+(`ring_jax.train.preemption`: rerun to resume); 1 with a one-line message for an invalid
+config, a config change that a resume refuses, no intact checkpoint, a full disk, or a loss
+that stayed non-finite (BUILD.md, "Failure behaviour").
 """
 from __future__ import annotations
 
@@ -35,7 +40,13 @@ def main(argv):
         print(cfg)
         return
     from ring_jax.train import rl_loop  # imported after validation: it pulls in JAX programs
-    rl_loop.run(cfg, _WORKDIR.value)
+    from ring_jax.train import checkpoint, health
+    try:
+        rl_loop.run(cfg, _WORKDIR.value)
+    except ConfigError as e:
+        sys.exit(f"invalid config: {e}")
+    except (checkpoint.CheckpointError, health.NonFiniteError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -290,6 +290,20 @@ def _free_space(path: str) -> str:
     return ""
 
 
+class _DropOrbaxDiskFullLogs(logging.Filter):
+    """orbax logs a full disk from each of its background threads with a traceback (hundreds
+    of lines); `DiskFullError` says it once instead, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_is_disk_full(error) or "No space left on device" in record.getMessage())
+
+
+_DISK_FULL_FILTER = _DropOrbaxDiskFullLogs()
+
+
 @dataclasses.dataclass
 class _KeepNewestFinite:
     """Preservation policy: keep the newest step whose state was saved finite, whatever the
@@ -332,6 +346,7 @@ class Checkpointer:
             # Leftover tmp dirs of a killed save are removed when the manager starts.
             cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        logging.getLogger("absl").addFilter(_DISK_FULL_FILTER)   # idempotent
 
     def due(self, step: int) -> bool:
         """Whether the periodic schedule asks for a save at `step`."""

@@ -75,11 +75,17 @@ def _fingerprint(x: jax.Array) -> jax.Array:
                               dtype=jnp.uint32) for s in _SEEDS])
 
 
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
+
+
 @jax.jit
 def _summarise(leaves: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-    fingerprints = [_fingerprint(x) for x in leaves]
-    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return fingerprints, jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
+    return [_fingerprint(x) for x in leaves], _finite(leaves)
+
+
+_all_finite = jax.jit(_finite)
 
 
 def _array_leaves(tree: Any) -> list[tuple[str, Any]]:
@@ -116,7 +122,7 @@ def summarise_state(state: Any) -> tuple[dict[str, list], bool]:
 
 def tree_all_finite(tree: Any) -> bool:
     """Whether every floating-point leaf of `tree` is finite (one jitted reduction)."""
-    return summarise_state(tree)[1]
+    return bool(_host(_all_finite([x for _, x in _array_leaves(tree)])))
 
 
 def sha256_array(x: np.ndarray) -> str:

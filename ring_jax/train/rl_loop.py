@@ -38,7 +38,8 @@ from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine
 from ring_jax.scheduler import Scheduler
 from ring_jax.train import checkpoint as checkpoint_lib
-from ring_jax.train import distributed, evaluate, experiment, optim, rl_step, sft
+from ring_jax.train import config_history, distributed, evaluate, experiment, health, optim
+from ring_jax.train import preemption, rl_step, sft
 from ring_jax.train import metrics as metrics_lib
 
 CONSOLE_FIELDS = {"reward": "rl/reward_mean", "eval": "eval/pass@1",
@@ -137,13 +138,29 @@ def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
 
 
 def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) the experiment in ``workdir``; returns the final evaluation."""
+    """Runs (or resumes) the experiment in ``workdir``; returns the final evaluation.
+
+    SIGTERM stops it after the step in progress with a checkpoint of that step
+    (`preemption.Preempted`, exit code 75); rerunning the same command resumes.
+    """
+    with preemption.StopOnSignal() as stop:
+        return _run(cfg, workdir, stop)
+
+
+def _run(cfg: experiment.ExperimentConfig, workdir: str,
+         stop: preemption.StopOnSignal) -> dict[str, float]:
     # ---------------------------------------------------------------- setup
     distributed.maybe_initialize()
     is_main = distributed.is_main()
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        metrics_lib.write_config_json(workdir, experiment.to_dict(cfg))
+    # A resume refuses a config that changes what the checkpoints mean, before writing anything.
+    config_history.record(workdir, experiment.to_dict(cfg), write=is_main)
+    finished_at = _finished_step(cfg, workdir)
+    if finished_at is not None:
+        if is_main:
+            print(f"{workdir}: already finished at step {finished_at} (rl.num_steps="
+                  f"{cfg.rl.num_steps}); nothing to do", flush=True)
+        return _final_eval(workdir, finished_at)
     mesh = sharding.make_mesh(**cfg.mesh.resolve(jax.device_count()))
     tokenizer = get_tokenizer(cfg.task.tokenizer)
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
@@ -155,7 +172,7 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     if cfg.sft.num_steps:
         sft.train_sft(model, task, tokenizer, os.path.join(workdir, "sft"), cfg.sft,
                       cfg.sft_optim, cfg.checkpoint, rng=jax.random.key(cfg.seed),
-                      is_main=is_main)
+                      is_main=is_main, stop=stop)
 
     # ---------------------------------------------------------------- restore or initialise
     tx = optim.make_optimizer(cfg.rl.optim)
@@ -223,6 +240,7 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
 
     # ---------------------------------------------------------------- loop
     final_eval: dict[str, float] = {}
+    guard = health.NonFiniteGuard(cfg.checkpoint.max_nonfinite_steps, "rl")
     try:
         for step in range(start + 1, cfg.rl.num_steps + 1):
             t0 = time.perf_counter()
@@ -252,11 +270,15 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
                 metrics.update(final_eval)
             # Metrics of a step are written before its checkpoint, so a resume never loses them.
             writer.write(step, metrics)
-            if ckpt.due(step) or is_last:
+            guard.check(step, metrics["train/loss"], state["params"])  # raises before saving
+            preempted = stop.should_stop()   # SIGTERM: save this step, then exit
+            if ckpt.due(step) or is_last or preempted:
                 ckpt.save(step, state=state, arrays=scheduler.state_dict(),
                           meta={"stage": "rl", "version": step},
                           metrics=({k: v for k, v in metrics.items() if k.startswith("eval/")}
                                    if cfg.checkpoint.best_metric else None))
+            if preempted:
+                stop.exit(step, ckpt)
     finally:
         scheduler.close()
         ckpt.close()
@@ -265,6 +287,19 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     if is_main and final_eval:
         _write_summary(workdir, first_eval, final_eval)
     return final_eval
+
+
+def _finished_step(cfg: experiment.ExperimentConfig, workdir: str) -> int | None:
+    """The last RL step when the run in ``workdir`` already reached ``rl.num_steps``."""
+    steps = config_history.saved_steps(os.path.join(workdir, "checkpoints"))
+    return steps[-1] if steps and steps[-1] >= cfg.rl.num_steps else None
+
+
+def _final_eval(workdir: str, step: int) -> dict[str, float]:
+    """The evaluation recorded at ``step`` in metrics.jsonl (what `run` returned then)."""
+    records = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))
+    record = next((r for r in reversed(records) if r.get("step") == step), {})
+    return {k: v for k, v in record.items() if k.startswith("eval/")}
 
 
 def _write_summary(workdir: str, first: dict[str, float] | None,

@@ -33,8 +33,9 @@ import optax
 
 from ring_jax import config as config_lib
 from ring_jax.train import checkpoint as checkpoint_lib
+from ring_jax.train import health
 from ring_jax.train import metrics as metrics_lib
-from ring_jax.train import optim
+from ring_jax.train import optim, preemption
 from ring_jax.train import router_bias
 
 SFTState = dict   # {"step", "params", "opt_state", "router"}: a dict so subsets restore by name
@@ -269,12 +270,18 @@ def make_sft_train_step(model, tx: optax.GradientTransformation, cfg: SFTConfig,
 def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConfig,
               optim_cfg: optim.OptimConfig,
               ckpt_cfg: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig(),
-              *, rng: jax.Array | None = None, is_main: bool | None = None) -> SFTState:
+              *, rng: jax.Array | None = None, is_main: bool | None = None,
+              stop: preemption.StopOnSignal | None = None) -> SFTState:
     """Runs (or resumes) the SFT stage in `directory`; returns the final state.
 
     directory gets checkpoints/ (state + data position), metrics.jsonl, tensorboard/. A
-    directory holding a checkpoint resumes from it; one at `cfg.num_steps` returns at once.
+    directory holding a checkpoint resumes from its newest intact step (`Checkpointer.restore`
+    falls back past damaged ones); one at `cfg.num_steps` returns at once.
     Initialise RL from it with `load_policy(directory, target)`.
+
+    stop: when it reports a stop signal, the stage saves the step just finished and raises
+    `preemption.Preempted`. A loss or parameters non-finite for
+    `ckpt_cfg.max_nonfinite_steps` steps in a row raise `health.NonFiniteError` before saving.
 
     Runs on the default device of one process (the model is tiny/small for this stage); a
     sharded SFT would jit `make_sft_train_step` with shardings, as the RL loop does.
@@ -298,6 +305,7 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
             console_fields={"loss": "sft/loss", "tok acc": "sft/token_accuracy",
                             "tok/s": "perf/tokens_per_s"})
         step_fn = jax.jit(make_sft_train_step(model, tx, cfg, optim_cfg), donate_argnums=0)
+        guard = health.NonFiniteGuard(ckpt_cfg.max_nonfinite_steps, "sft")
         with writer:
             for step in range(start + 1, cfg.num_steps + 1):
                 t0 = time.perf_counter()
@@ -311,8 +319,12 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
                 metrics["sft/truncated_examples"] = data.truncated
                 # Metrics of a step are written before its checkpoint (see metrics.py).
                 writer.write(step, metrics)
-                if ckpt.due(step) or step == cfg.num_steps:
+                guard.check(step, metrics["sft/loss"], state["params"])  # raises before saving
+                preempted = stop is not None and stop.should_stop()
+                if ckpt.due(step) or step == cfg.num_steps or preempted:
                     ckpt.save(step, state=state, meta={"data": data.get_state(), "stage": "sft"})
+                if preempted:
+                    stop.exit(step, ckpt)
     return state
 
 

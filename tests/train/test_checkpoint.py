@@ -417,3 +417,44 @@ def test_fingerprint_is_sharding_independent_and_exact():
         assert integrity.summarise_state({"x": other})[0]["['x']"][0] != record["['x']"][0]
     assert integrity.summarise_state({"x": x})[0]["['x']"] == record["['x']"]
     assert not integrity.summarise_state({"x": x.at[1, 1].set(jnp.inf)})[1]
+
+
+_FILL_DISK = textwrap.dedent("""
+    import sys, jax
+    from ring_jax.train import checkpoint
+    cfg = checkpoint.CheckpointConfig(async_save=sys.argv[2] == "async")
+    with checkpoint.Checkpointer(sys.argv[1], cfg) as ckpt:
+        for step in range(1, 20):
+            ckpt.save(step, state={"w": jax.random.normal(jax.random.key(step), (256, 256))})
+""")
+
+
+def _can_mount_tmpfs():
+    import shutil
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + an unprivileged tmpfs mount")
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_disk_full_is_one_line(tmp_path, mode):
+    """A real ENOSPC (a 600 KiB tmpfs in a private mount namespace): one DiskFullError line
+    naming the directory and the free space, none of orbax's per-thread tracebacks (~430
+    lines before)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    script = (f"mount -t tmpfs -o size=600k none {mount} && "
+              f"exec {sys.executable} -c '{_FILL_DISK}' {mount}/ckpt {mode}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    # The uncaught exception's own traceback (main.py turns it into its last line alone).
+    assert lines[0] == "Traceback (most recent call last):" and len(lines) < 15, proc.stderr
+    assert lines[-1].startswith(f"ring_jax.train.checkpoint.DiskFullError: no space left on "
+                                f"device writing checkpoints under {mount}/ckpt (")
+    assert lines[-1].endswith(" free)")
+    assert "orbax" not in proc.stderr
