@@ -100,15 +100,29 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+def _by_device_set(leaves: list[Any]) -> dict[tuple, list[int]]:
+    """Leaf indices grouped by the devices holding them: one jit call may not mix arrays
+    committed to different device sets (a key on one device next to mesh-sharded params)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        sharding = getattr(x, "sharding", None)
+        devices = tuple(sorted(d.id for d in sharding.device_set)) if sharding else ()
+        groups.setdefault(devices, []).append(i)
+    return groups
+
+
 def _fingerprints(leaves: list[Any]) -> tuple[list[str], bool]:
     """(fingerprint hex per leaf, all floating-point leaves finite)."""
-    if not leaves:
-        return [], True
-    fingerprints, finite = _summarise([jnp.asarray(x) if isinstance(x, np.ndarray) else x
-                                       for x in leaves])
-    words = [_host(fp).astype(np.uint64) for fp in fingerprints]
-    return ([f"{int(w[0] << np.uint64(32) | w[1]):016x}" for w in words],
-            bool(_host(finite)))
+    leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in leaves]
+    hexes: list[str] = [""] * len(leaves)
+    finite = True
+    for indices in _by_device_set(leaves).values():
+        fingerprints, group_finite = _summarise([leaves[i] for i in indices])
+        finite = finite and bool(_host(group_finite))
+        for i, fp in zip(indices, fingerprints):
+            w = _host(fp).astype(np.uint64)
+            hexes[i] = f"{int(w[0] << np.uint64(32) | w[1]):016x}"
+    return hexes, finite
 
 
 def summarise_state(state: Any) -> tuple[dict[str, list], bool]:
@@ -122,7 +136,9 @@ def summarise_state(state: Any) -> tuple[dict[str, list], bool]:
 
 def tree_all_finite(tree: Any) -> bool:
     """Whether every floating-point leaf of `tree` is finite (one jitted reduction)."""
-    return bool(_host(_all_finite([x for _, x in _array_leaves(tree)])))
+    leaves = [x for _, x in _array_leaves(tree)]
+    return all(bool(_host(_all_finite([leaves[i] for i in indices])))
+               for indices in _by_device_set(leaves).values())
 
 
 def sha256_array(x: np.ndarray) -> str:
