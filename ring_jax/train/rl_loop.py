@@ -4,7 +4,7 @@ One controller (this Python process; one per host in a multi-host run) drives SP
 
   setup      mesh, tokenizer, task, model, reward function
   SFT        Long-CoT SFT warm start on the task's worked solutions (`train/sft.py`), resumable
-  restore    the latest RL checkpoint (one consistent cut: train state + scheduler state,
+  restore    the newest intact RL checkpoint (one consistent cut: train state + scheduler state,
              including unfinished rollouts and the prompt-iterator position), else initialise
              from the SFT stage / ``init_from`` (an SFT or RL workdir, or a local HF checkpoint
              directory) / scratch

@@ -215,3 +215,28 @@ def test_pack_next_fit_properties(lengths, num_rows, seq_len):
         np.testing.assert_array_equal(tokens, ex["inputs"][:seq_len])
     if pending is not None:
         np.testing.assert_array_equal(pending["inputs"], examples[consumed]["inputs"][:seq_len])
+
+
+@pytest.mark.slow
+def test_train_sft_falls_back_past_a_damaged_checkpoint(tmp_path, tok, caplog):
+    """The SFT stage's newest checkpoint is corrupted (flipped bytes that still load): the
+    rerun warns, restores the step before, redoes the lost step and ends bit-identical."""
+    import os
+    model = Transformer(presets.get("tiny"))
+    task = tasks.get("addition")
+    cfg = dataclasses.replace(_CFG, num_steps=2, batch_size=1, seq_len=32)
+    ckpt_cfg = checkpoint.CheckpointConfig(save_every=1, async_save=False)
+    first = sft.train_sft(model, task, tok, tmp_path, cfg, _OPTIM, ckpt_cfg)
+    step_dir = tmp_path / "checkpoints" / "2" / "state"
+    path = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs),
+               key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2:len(data) // 2 + 400] = bytes(400)
+    open(path, "wb").write(bytes(data))
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        again = sft.train_sft(model, task, tok, tmp_path, cfg, _OPTIM, ckpt_cfg)
+    assert any(f"{tmp_path / 'checkpoints' / '2'} is damaged" in r.getMessage()
+               for r in caplog.records)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
