@@ -282,12 +282,12 @@ def _is_disk_full(e: BaseException | None) -> bool:
 def _free_space(path: str) -> str:
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
-    free = shutil.disk_usage(path).free
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if free < 1024 or unit == "TiB":
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-        free /= 1024
-    return ""
+    free, unit = float(shutil.disk_usage(path).free), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if free < 1024:
+            break
+        free, unit = free / 1024, larger
+    return f"{free:.1f} {unit}"
 
 
 class _DropOrbaxDiskFullLogs(logging.Filter):
@@ -496,7 +496,7 @@ class Checkpointer:
         return moved
 
     def restore(self, state_target: Any, step: int | None = None, *,
-                partial: bool = False) -> Restored:
+                partial: bool = False, read_only: bool = False) -> Restored:
         """Restores `step` (default: the newest intact step) placed like `state_target`.
 
         state_target: a pytree matching the saved state whose array leaves are arrays or
@@ -505,8 +505,12 @@ class Checkpointer:
         partial: `state_target` may name a subset of the saved state's dict keys (e.g. only
           {"params", "router"} to initialise RL from an SFT run); the rest is not read.
 
+        read_only: never rename anything under the directory (reading another run's
+          checkpoints, e.g. to initialise from them).
+
         Without `step`, damaged steps newer than the intact one restored are set aside (module
-        docstring) with a one-line warning each; an explicit damaged `step` raises.
+        docstring; skipped in place when `read_only`) with a one-line warning each; an explicit
+        damaged `step` raises.
         """
         self.wait()   # a save of this manager still in flight is part of what we may read
         candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
@@ -519,7 +523,11 @@ class Checkpointer:
             except _Damaged as e:
                 damaged.append((candidate, str(e)))
                 continue
-            if step is None and damaged:
+            if damaged and read_only:
+                for s, reason in damaged:
+                    log.warning("checkpoint %s is damaged (%s): skipped; restoring step %d "
+                                "instead", self.step_path(s), reason, candidate)
+            elif damaged:
                 moved = self._set_aside([s for s, _ in damaged])
                 for (s, reason), dst in zip(damaged, moved):
                     log.warning("checkpoint %s is damaged (%s): moved to %s; restoring step %d "

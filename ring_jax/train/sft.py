@@ -330,9 +330,10 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
 
 def load_policy(directory: str | os.PathLike, target: Mapping[str, Any],
                 step: int | None = None) -> dict:
-    """{"params", "router"} of an SFT run in `directory` (latest step by default), placed like
-    `target` (arrays or ShapeDtypeStructs with shardings: any mesh)."""
+    """{"params", "router"} of an SFT run in `directory` (newest intact step by default),
+    placed like `target` (arrays or ShapeDtypeStructs with shardings: any mesh). Damaged steps
+    are skipped with a warning, never moved: the directory may be another run's."""
     with checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
         restored = ckpt.restore({"params": target["params"], "router": target["router"]},
-                                step, partial=True)
+                                step, partial=True, read_only=True)
     return restored.state

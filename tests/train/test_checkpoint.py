@@ -346,6 +346,21 @@ def test_damaged_latest_falls_back_to_newest_intact(three_steps, tmp_path, caplo
         _assert_tree_equal(ckpt.restore(_random_state(0)).state, _random_state(3))
 
 
+def test_read_only_restore_skips_damage_in_place(three_steps, tmp_path, caplog):
+    """Reading another run's checkpoints (init_from, load_policy) never renames its files."""
+    import shutil
+    directory = tmp_path / "ckpt"
+    shutil.copytree(three_steps, directory)
+    _truncate_meta(directory / "3")
+    with checkpoint.Checkpointer(directory) as ckpt:
+        with caplog.at_level("WARNING", logger=checkpoint.__name__):
+            restored = ckpt.restore(_random_state(0), read_only=True)
+    assert restored.step == 2
+    assert sorted(os.listdir(directory)) == ["1", "2", "3"]
+    assert any(f"{directory / '3'} is damaged" in r.getMessage() and "skipped" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_no_intact_step_names_every_path(three_steps, tmp_path):
     import shutil
     directory = tmp_path / "ckpt"
