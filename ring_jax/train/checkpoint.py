@@ -20,7 +20,8 @@ step counter from `jnp.asarray`, a key from `jax.random.key`) are stored as repl
 arrays and restored back onto the local device the target names.
 
 Retention keeps the newest `max_to_keep` steps plus the `keep_best` steps with the best value of
-`best_metric` among steps saved with metrics.
+`best_metric` among steps saved with metrics, plus the newest step saved with a finite state (so
+a run that went NaN never rotates out the last good checkpoint).
 
 Integrity (`ring_jax.train.integrity`): every save records per-array checksums of the state and
 the `arrays` item, and whether the state was finite; `restore()` checks them. When the latest
@@ -30,9 +31,9 @@ directory), restore warns in one line naming the damaged path, moves that direct
 the newest intact step; only when no step is intact does it raise `DamagedCheckpointError`,
 naming every path tried and why. A target whose tree or shapes differ from the saved state (a
 different model or optimizer) raises `CheckpointMismatchError` instead: that is not damage.
-Retention also keeps the newest step saved with a finite state, so a run that went NaN never
-rotates out the last good checkpoint. A full disk raises `DiskFullError`: one line with the
-path and the free space, instead of orbax's asyncio traceback.
+Checkpoints written before integrity data existed (format 1) restore unverified. A full disk
+raises `DiskFullError`: one line with the path and the free space, instead of orbax's
+per-thread tracebacks. Setting damaged steps aside renames local directories (os.rename).
 
 Encoding of `arrays` (orbax refuses zero-size arrays, and a ragged list has no single shape):
 every leaf is raveled and stored as one 1-D array with a single trailing pad element; a list
