@@ -424,8 +424,10 @@ class Checkpointer:
             meta, flat = dict(restored["meta"]), dict(restored["arrays"])
         except Exception as e:   # any read error of a step is damage: try an older step
             raise _Damaged(f"meta/arrays unreadable: {_first_line(e)}") from e
-        if integrity.INTEGRITY_KEY not in meta:   # format 1: nothing to check
-            return meta, flat
+        if integrity.INTEGRITY_KEY not in meta:
+            if int(np.asarray(flat.get(_FORMAT_KEY, [1]))[0]) >= 2:
+                raise _Damaged("meta lacks its integrity record")
+            return meta, flat   # format 1: written before integrity data existed
         digest = flat.pop(integrity.META_DIGEST_KEY, None)
         if digest is None or integrity.array_to_digest(digest) != integrity.sha256_json(meta):
             raise _Damaged("meta checksum mismatch")

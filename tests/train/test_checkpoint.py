@@ -314,7 +314,16 @@ def _edit_meta_value(step_dir):
     open(path, "w").write(text.replace('"step": 3', '"step": 9'))
 
 
-DAMAGES = {"xor_state": _xor_400_bytes, "truncated_array_file": _truncate_array_file,
+def _drop_integrity_record(step_dir):
+    """Valid JSON without the integrity record: not mistaken for an old unverified format."""
+    import json
+    path = step_dir / "meta" / "metadata"
+    meta = json.load(open(path))
+    del meta["_integrity"]
+    json.dump(meta, open(path, "w"))
+
+
+DAMAGES = {"dropped_integrity_record": _drop_integrity_record, "xor_state": _xor_400_bytes, "truncated_array_file": _truncate_array_file,
            "truncated_meta": _truncate_meta, "empty_step_dir": _empty_step_dir,
            "edited_meta": _edit_meta_value}
 
