@@ -135,7 +135,8 @@ def summarise_state(state: Any) -> tuple[dict[str, list], bool]:
 
 
 def tree_all_finite(tree: Any) -> bool:
-    """Whether every floating-point leaf of `tree` is finite (one jitted reduction)."""
+    """Whether every floating-point leaf of `tree` is finite (one jitted reduction per set of
+    devices holding leaves)."""
     leaves = [x for _, x in _array_leaves(tree)]
     return all(bool(_host(_all_finite([leaves[i] for i in indices])))
                for indices in _by_device_set(leaves).values())
