@@ -9,6 +9,11 @@ whose ``get_config`` rejects its argument. A ``--workdir`` holding a checkpoint 
 run writes ``config.json``, ``metrics.jsonl``, TensorBoard events and checkpoints there.
 ``--validate_only`` stops after validation and prints the config (what
 `tests/test_docs_commands.py` runs for every command line in the docs and launchers).
+
+Exit codes: 0 done (or already finished); 75 stopped by SIGTERM after saving a checkpoint
+(`ring_jax.train.preemption`: rerun to resume); 1 with a one-line message for an invalid
+config, a config change that a resume refuses, no intact checkpoint, a full disk, or a loss
+that stayed non-finite (BUILD.md, "Failure behaviour").
 """
 from __future__ import annotations
 
@@ -128,7 +133,13 @@ def main(argv):
         print(cfg)
         return
     from ring_jax.train import rl_loop  # imported after validation: it pulls in JAX programs
-    rl_loop.run(cfg, flags.FLAGS.workdir)
+    from ring_jax.train import checkpoint, health
+    try:
+        rl_loop.run(cfg, flags.FLAGS.workdir)
+    except ConfigError as e:
+        sys.exit(f"invalid config: {e}")
+    except (checkpoint.CheckpointError, health.NonFiniteError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -98,13 +98,21 @@ def _config_to_dict(config: Any) -> Any:
     return _to_jsonable(config)
 
 
+def config_as_json(config: Any) -> dict:
+    """The JSON value config.json holds for `config` (dataclass, ConfigDict or dict): tuples
+    become lists, unknown objects their str."""
+    return json.loads(json.dumps(_config_to_dict(config), default=str))
+
+
 def write_config_json(workdir: str | os.PathLike, config: Any) -> str:
-    """Writes workdir/config.json (dataclass, ConfigDict or dict; sorted keys). Returns path."""
+    """Writes workdir/config.json (dataclass, ConfigDict or dict; sorted keys), atomically.
+    Returns the path. A resumed run records its config through
+    `ring_jax.train.config_history.record`, which validates before it writes."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILE)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(_config_to_dict(config), f, indent=2, sort_keys=True, default=str)
+        json.dump(config_as_json(config), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
     return path

@@ -5,7 +5,7 @@ One controller (this Python process; one per host in a multi-host run) drives SP
   setup      mesh, tokenizer, task, model, reward function
   SFT        Long-CoT SFT warm start on the task's worked solutions (`train/sft.py`), resumable;
              it starts from ``init_from`` when one is given (`train/init_from.py`)
-  restore    the latest RL checkpoint (one consistent cut: train state + scheduler state,
+  restore    the newest intact RL checkpoint (one consistent cut: train state + scheduler state,
              including unfinished rollouts and the prompt-iterator position), else initialise
              from the SFT stage / ``init_from`` (an SFT or RL workdir, or a local HF checkpoint
              directory) / scratch
@@ -38,8 +38,9 @@ from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine
 from ring_jax.scheduler import Scheduler
 from ring_jax.train import checkpoint as checkpoint_lib
-from ring_jax.train import distributed, evaluate, experiment, optim, rl_step, sft
+from ring_jax.train import config_history, distributed, evaluate, experiment, health, optim
 from ring_jax.train import init_from as init_from_lib
+from ring_jax.train import preemption, rl_step, sft
 from ring_jax.train import metrics as metrics_lib
 
 CONSOLE_FIELDS = {"reward": "rl/reward_mean", "eval": "eval/pass@1",
@@ -125,14 +126,30 @@ def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
 
 
 def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) the experiment in ``workdir``; returns the final evaluation."""
+    """Runs (or resumes) the experiment in ``workdir``; returns the final evaluation.
+
+    SIGTERM stops it after the step in progress with a checkpoint of that step
+    (`preemption.Preempted`, exit code 75); rerunning the same command resumes.
+    """
+    with preemption.StopOnSignal() as stop:
+        return _run(cfg, workdir, stop)
+
+
+def _run(cfg: experiment.ExperimentConfig, workdir: str,
+         stop: preemption.StopOnSignal) -> dict[str, float]:
     # ---------------------------------------------------------------- setup
     init_from_lib.check_workdir(cfg.init_from, workdir, cfg.sft.num_steps)
     distributed.maybe_initialize()
     is_main = distributed.is_main()
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        metrics_lib.write_config_json(workdir, experiment.to_dict(cfg))
+    # A resume refuses a config that changes what the checkpoints mean, before writing anything.
+    config_history.record(workdir, experiment.to_dict(cfg), write=is_main)
+    finished_at = _finished_step(cfg, workdir)
+    if finished_at is not None:
+        if is_main:
+            print(f"{workdir}: already finished at step {finished_at} (rl.num_steps="
+                  f"{cfg.rl.num_steps}); nothing to do", flush=True)
+        return _final_eval(workdir, finished_at)
     mesh = sharding.make_mesh(**cfg.mesh.resolve(jax.device_count()))
     tokenizer = get_tokenizer(cfg.task.tokenizer)
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
@@ -147,7 +164,8 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
                       is_main=is_main, initial_policy=(
                           (lambda target: init_from_lib.load_policy(cfg.init_from, cfg.model,
                                                                     target))
-                          if cfg.init_from else None))
+                          if cfg.init_from else None),
+                      stop=stop)
 
     # ---------------------------------------------------------------- restore or initialise
     tx = optim.make_optimizer(cfg.rl.optim)
@@ -215,6 +233,7 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
 
     # ---------------------------------------------------------------- loop
     final_eval: dict[str, float] = {}
+    guard = health.NonFiniteGuard(cfg.checkpoint.max_nonfinite_steps, "rl")
     try:
         for step in range(start + 1, cfg.rl.num_steps + 1):
             t0 = time.perf_counter()
@@ -244,11 +263,15 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
                 metrics.update(final_eval)
             # Metrics of a step are written before its checkpoint, so a resume never loses them.
             writer.write(step, metrics)
-            if ckpt.due(step) or is_last:
+            guard.check(step, metrics["train/loss"], state["params"])  # raises before saving
+            preempted = stop.should_stop()   # SIGTERM: save this step, then exit
+            if ckpt.due(step) or is_last or preempted:
                 ckpt.save(step, state=state, arrays=scheduler.state_dict(),
                           meta={"stage": "rl", "version": step},
                           metrics=({k: v for k, v in metrics.items() if k.startswith("eval/")}
                                    if cfg.checkpoint.best_metric else None))
+            if preempted:
+                stop.exit(step, ckpt)
     finally:
         scheduler.close()
         ckpt.close()
@@ -257,6 +280,19 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     if is_main and final_eval:
         _write_summary(workdir, first_eval, final_eval)
     return final_eval
+
+
+def _finished_step(cfg: experiment.ExperimentConfig, workdir: str) -> int | None:
+    """The last RL step when the run in ``workdir`` already reached ``rl.num_steps``."""
+    steps = config_history.saved_steps(os.path.join(workdir, "checkpoints"))
+    return steps[-1] if steps and steps[-1] >= cfg.rl.num_steps else None
+
+
+def _final_eval(workdir: str, step: int) -> dict[str, float]:
+    """The evaluation recorded at ``step`` in metrics.jsonl (what `run` returned then)."""
+    records = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))
+    record = next((r for r in reversed(records) if r.get("step") == step), {})
+    return {k: v for k, v in record.items() if k.startswith("eval/")}
 
 
 def _write_summary(workdir: str, first: dict[str, float] | None,

@@ -33,8 +33,9 @@ import optax
 
 from ring_jax import config as config_lib
 from ring_jax.train import checkpoint as checkpoint_lib
+from ring_jax.train import health
 from ring_jax.train import metrics as metrics_lib
-from ring_jax.train import optim
+from ring_jax.train import optim, preemption
 from ring_jax.train import router_bias
 
 SFTState = dict   # {"step", "params", "opt_state", "router"}: a dict so subsets restore by name
@@ -270,14 +271,20 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
               optim_cfg: optim.OptimConfig,
               ckpt_cfg: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig(),
               *, rng: jax.Array | None = None, is_main: bool | None = None,
-              initial_policy: Callable[[dict], dict] | None = None) -> SFTState:
+              initial_policy: Callable[[dict], dict] | None = None,
+              stop: preemption.StopOnSignal | None = None) -> SFTState:
     """Runs (or resumes) the SFT stage in `directory`; returns the final state.
 
     directory gets checkpoints/ (state + data position), metrics.jsonl, tensorboard/. A
-    directory holding a checkpoint resumes from it; one at `cfg.num_steps` returns at once.
+    directory holding a checkpoint resumes from its newest intact step (`Checkpointer.restore`
+    falls back past damaged ones); one at `cfg.num_steps` returns at once.
     Initialise RL from it with `load_policy(directory, target)`. `initial_policy` maps the
     freshly initialised {"params", "router"} to the ones a new stage starts from (the
     experiment's ``init_from``); the optimizer state is initialised from those.
+
+    stop: when it reports a stop signal, the stage saves the step just finished and raises
+    `preemption.Preempted`. A loss or parameters non-finite for
+    `ckpt_cfg.max_nonfinite_steps` steps in a row raise `health.NonFiniteError` before saving.
 
     Runs on the default device of one process (the model is tiny/small for this stage); a
     sharded SFT would jit `make_sft_train_step` with shardings, as the RL loop does.
@@ -304,6 +311,7 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
             console_fields={"loss": "sft/loss", "tok acc": "sft/token_accuracy",
                             "tok/s": "perf/tokens_per_s"})
         step_fn = jax.jit(make_sft_train_step(model, tx, cfg, optim_cfg), donate_argnums=0)
+        guard = health.NonFiniteGuard(ckpt_cfg.max_nonfinite_steps, "sft")
         with writer:
             for step in range(start + 1, cfg.num_steps + 1):
                 t0 = time.perf_counter()
@@ -317,19 +325,24 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
                 metrics["sft/truncated_examples"] = data.truncated
                 # Metrics of a step are written before its checkpoint (see metrics.py).
                 writer.write(step, metrics)
-                if ckpt.due(step) or step == cfg.num_steps:
+                guard.check(step, metrics["sft/loss"], state["params"])  # raises before saving
+                preempted = stop is not None and stop.should_stop()
+                if ckpt.due(step) or step == cfg.num_steps or preempted:
                     ckpt.save(step, state=state, meta={"data": data.get_state(), "stage": "sft"})
+                if preempted:
+                    stop.exit(step, ckpt)
     return state
 
 
 def load_policy(directory: str | os.PathLike, target: Mapping[str, Any],
                 step: int | None = None) -> dict:
-    """{"params", "router"} of an SFT run in `directory` (latest step by default), placed like
-    `target` (arrays or ShapeDtypeStructs with shardings: any mesh). Reads only: a directory
-    without checkpoints/ is an error, not a new empty checkpoint directory."""
+    """{"params", "router"} of an SFT run in `directory` (newest intact step by default),
+    placed like `target` (arrays or ShapeDtypeStructs with shardings: any mesh). Reads only: a
+    directory without checkpoints/ is an error, not a new empty checkpoint directory; damaged
+    steps are skipped with a warning, never moved (the directory may be another run's)."""
     if not os.path.isdir(os.path.join(directory, "checkpoints")):
         raise FileNotFoundError(f"no SFT/RL checkpoints in {directory} (checkpoints/ missing)")
     with checkpoint_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
         restored = ckpt.restore({"params": target["params"], "router": target["router"]},
-                                step, partial=True)
+                                step, partial=True, read_only=True)
     return restored.state

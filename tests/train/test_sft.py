@@ -215,3 +215,51 @@ def test_pack_next_fit_properties(lengths, num_rows, seq_len):
         np.testing.assert_array_equal(tokens, ex["inputs"][:seq_len])
     if pending is not None:
         np.testing.assert_array_equal(pending["inputs"], examples[consumed]["inputs"][:seq_len])
+
+
+@pytest.mark.slow
+def test_train_sft_falls_back_past_a_damaged_checkpoint(tmp_path, tok, caplog):
+    """The SFT stage's newest checkpoint is corrupted (flipped bytes that still load): the
+    rerun warns, restores the step before, redoes the lost step and ends bit-identical."""
+    import os
+    model = Transformer(presets.get("tiny"))
+    task = tasks.get("addition")
+    cfg = dataclasses.replace(_CFG, num_steps=2, batch_size=1, seq_len=32)
+    ckpt_cfg = checkpoint.CheckpointConfig(save_every=1, async_save=False)
+    first = sft.train_sft(model, task, tok, tmp_path, cfg, _OPTIM, ckpt_cfg)
+    step_dir = tmp_path / "checkpoints" / "2" / "state"
+    path = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs),
+               key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2:len(data) // 2 + 400] = bytes(400)
+    open(path, "wb").write(bytes(data))
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        again = sft.train_sft(model, task, tok, tmp_path, cfg, _OPTIM, ckpt_cfg)
+    assert any(f"{tmp_path / 'checkpoints' / '2'} is damaged" in r.getMessage()
+               for r in caplog.records)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_train_sft_stops_on_a_nonfinite_streak_before_saving(tmp_path, tok):
+    """Resuming poisoned (NaN) parameters: steps 2 and 3 have a NaN loss; with
+    max_nonfinite_steps=2 the stage stops at step 3 with an error, before saving it."""
+    model = Transformer(presets.get("tiny"))
+    task = tasks.get("addition")
+    cfg = dataclasses.replace(_CFG, num_steps=5, batch_size=1, seq_len=32)
+    ckpt_cfg = checkpoint.CheckpointConfig(save_every=1, async_save=False, max_nonfinite_steps=2)
+    tx = optim.make_optimizer(_OPTIM)
+    state = sft.init_sft_state(model, tx, jax.random.key(0), cfg.seq_len)
+    state["params"] = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state["params"])
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", ckpt_cfg) as ckpt:
+        ckpt.save(1, state=state, meta={"data": {"next_example": 0, "truncated": 0},
+                                        "stage": "sft"})
+    from ring_jax.train import health
+    with pytest.raises(health.NonFiniteError) as err:
+        sft.train_sft(model, task, tok, tmp_path, cfg, _OPTIM, ckpt_cfg)
+    assert "sft step 3: non-finite loss" in str(err.value)
+    assert "stopped before saving step 3" in str(err.value)
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", ckpt_cfg) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
