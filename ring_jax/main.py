@@ -28,7 +28,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
-        cfg = experiment.from_config_dict(_CONFIG.value)
+        cfg = experiment.derive(experiment.from_config_dict(_CONFIG.value))
     except ConfigError as e:
         sys.exit(f"invalid config: {e}")
     if _VALIDATE_ONLY.value:
