@@ -22,6 +22,7 @@ from ring_jax.rollout.types import Request, SamplingParams
 
 FP32_PRECISION = InferencePrecision(dtype="float32")  # the greedy engine: no mismatch knobs
 EVAL_SET_SEED = 0  # the held-out problem set's draw; deliberately not the run seed
+EVAL_DRAW_SPACE = 1 << 20  # indices a generated task's eval set is drawn from
 MAX_DRAWS_PER_PROBLEM = 64  # draws per wanted problem before the split counts as too small
 
 
@@ -36,11 +37,12 @@ def eval_records(task, tokenizer, num_prompts: int, thinking: bool = True
     """
     held_out = task.held_out()
     finite = getattr(held_out, "num_examples", None)
-    num_draws = finite if finite is not None else MAX_DRAWS_PER_PROBLEM * num_prompts
+    # One draw order for every size (a smaller set is a prefix of a larger one).
     ds = pipeline.prompt_dataset(held_out, tokenizer, seed=EVAL_SET_SEED,
-                                 num_prompts=num_draws, thinking=thinking)
+                                 num_prompts=finite or EVAL_DRAW_SPACE, thinking=thinking)
+    num_draws = min(len(ds), MAX_DRAWS_PER_PROBLEM * num_prompts)
     records, seen = [], set()
-    for i in range(len(ds)):
+    for i in range(num_draws):
         record = ds[i]
         if record["prompt_text"] in seen:
             continue
@@ -48,7 +50,7 @@ def eval_records(task, tokenizer, num_prompts: int, thinking: bool = True
         records.append({**record, "prompt_id": len(records), "group_id": len(records)})
         if len(records) == num_prompts:
             return records
-    if finite is None:
+    if finite is None or num_draws < len(ds):
         raise ConfigError(
             f"eval.num_prompts={num_prompts} is invalid: the held-out split of {task.name} gave "
             f"{len(records)} distinct problems in {num_draws} draws; lower it or raise "
