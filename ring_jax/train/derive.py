@@ -20,6 +20,14 @@ in ``config.json``):
   are outputs of this derivation: setting them directly is an error naming ``seeds.sampling`` /
   ``seeds.sft``. (The reward workers hold no random state, so they need no stream.)
 * **Stop tokens:** the tokenizer's EOS is appended to ``scheduler.sampling.stop_token_ids``.
+* **A trainer that does not drop tokens in a mismatch study.** A run whose engine widens the
+  mismatch on purpose (`InferencePrecision.has_mismatch_knob`) measures or corrects that
+  mismatch, so the trainer's MoE dispatch must be dropless (`moe.is_dropless`: ``ragged``,
+  ``reference``, or ``capacity`` with ``capacity_factor >= E/K``); otherwise tokens the trainer
+  drops and the engine keeps are a second, silent source of mismatch. Else a `ConfigError`,
+  unless ``rl.allow_trainer_drops=True``. (A correction alone, as in the quickstart's IcePop on
+  the plain bf16 engine, is not a mismatch study; its dropped share is in the metrics,
+  ``moe/dropped_frac``.)
 * **Routing shape:** ``scheduler.expert_ids_shape`` = (MoE layers, K) when the engine records
   routed experts (router replay), else None.
 
@@ -34,6 +42,7 @@ from typing import Any
 
 from ring_jax import config as config_lib
 from ring_jax.config import ConfigError
+from ring_jax.model import moe
 
 STREAMS = ("init", "sft", "prompts", "sampling", "eval")
 DERIVED = -1  # a ``seeds.<name>`` at this value is derived from the run seed
@@ -75,11 +84,25 @@ def _check_not_set_directly(field: str, value: int, derived: int, stream: str) -
                           f"seeds.{stream}={value} instead")
 
 
+def _check_trainer_dropless(cfg: Any) -> None:
+    m = cfg.model
+    if not cfg.precision.has_mismatch_knob or cfg.rl.allow_trainer_drops or moe.is_dropless(m):
+        return
+    knobs = [k for k in ("fp8_expert_weights", "router_noise_std", "expert_scale_error_std")
+             if getattr(cfg.precision, k)]
+    raise ConfigError(
+        f"model.capacity_factor={m.capacity_factor!r} is invalid: a mismatch study "
+        f"(precision.{knobs[0]} set) needs a dropless trainer: model.capacity_factor >= "
+        f"E/K={m.num_experts / m.num_experts_per_tok:g}, model.moe_impl='ragged' or "
+        "'reference', or rl.allow_trainer_drops=True")
+
+
 def derive(cfg: Any, eos_id: int | None = None) -> Any:
     """The run's `ExperimentConfig` with every derived field filled in (module docstring).
 
     ``eos_id``: the tokenizer's end-of-sequence id (default: looked up from ``task.tokenizer``).
     """
+    _check_trainer_dropless(cfg)
     seeds = cfg.seeds.resolve(cfg.seed)
     _check_not_set_directly("sft.seed", cfg.sft.seed, seeds.sft, "sft")
     _check_not_set_directly("scheduler.seed", cfg.scheduler.seed, seeds.sampling, "sampling")

@@ -101,6 +101,10 @@ class RLConfig:
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     router_bias_rate: float = 1e-3  # u of the aux-loss-free bias update (PAPER §4); 0: frozen
     router_replay: bool = False  # R3: train with the experts the engine chose
+    # A run whose engine widens the mismatch on purpose (precision.fp8_expert_weights,
+    # router_noise_std, expert_scale_error_std) must train with a dropless MoE dispatch, or the
+    # trainer's capacity drops add a mismatch of their own (`derive`); True allows it.
+    allow_trainer_drops: bool = False
     logprob_chunk: int = 128  # tokens per chunk of the log-prob / entropy computation
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -110,6 +114,8 @@ class RLConfig:
         config_lib.check_int("num_minibatches", self.num_minibatches, min_value=1)
         config_lib.check_float("router_bias_rate", self.router_bias_rate, min_value=0.0)
         config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
+        config_lib.check(isinstance(self.allow_trainer_drops, bool), "allow_trainer_drops",
+                         self.allow_trainer_drops, "must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,3 +121,19 @@ def test_setting_a_derived_seed_directly_names_the_stream_to_pin(field, stream):
         _config(sections={field: {"seed": 7}})
     with pytest.raises(ConfigError, match=r"seeds\.init=-2 is invalid"):
         experiment.from_config_dict({"seeds": {"init": -2}})
+
+
+@pytest.mark.parametrize("knob", [{"fp8_expert_weights": True}, {"router_noise_std": 0.5},
+                                  {"expert_scale_error_std": 0.05}])
+def test_a_mismatch_study_needs_a_dropless_trainer_unless_allowed(knob):
+    # The test model has E=4 experts, K=2 per token: capacity_factor >= 2 is dropless.
+    dropping = {"model": {"moe_impl": "capacity", "capacity_factor": 1.5}, "precision": knob}
+    with pytest.raises(ConfigError, match=r"model\.capacity_factor=1\.5 is invalid: a mismatch "
+                                          r"study .* E/K=2, .*rl\.allow_trainer_drops=True"):
+        _config(sections=dropping)
+    _config(sections={**dropping, "rl": {"allow_trainer_drops": True}})
+    _config(sections={**dropping, "model": {"moe_impl": "capacity", "capacity_factor": 2.0}})
+    _config(sections={**dropping, "model": {"moe_impl": "ragged", "capacity_factor": 1.5}})
+    # No mismatch knob (the quickstart's IcePop on the plain bf16 engine): drops are reported,
+    # not refused.
+    _config(sections={"model": {"moe_impl": "capacity", "capacity_factor": 1.5}})
