@@ -15,10 +15,11 @@ error multiplies expert e's router column and its gate/up/down weights by (1 + �
 drawn once per run (``expert_scale_error_seed``), never per version. So (1) it is *systematic*:
 the engine samples from the same biased distribution at every step, and an uncorrected trainer
 keeps pushing the policy along the bias instead of averaging it away; (2) it is *parameter
-dependent*: the error of expert e's router logit is σ·ε_e·(h·W_e) and of its output σ·ε_e-scaled,
-so the gap grows with the weights' own magnitude — as training sharpens the router (larger
-logits, fewer near-ties, but each tie broken the same wrong way) and grows the experts, the
-engine–trainer log-prob gap grows with it, the mechanism PAPER §1 describes for MoE RL.
+dependent*: the error of expert e's router logit is σ·ε_e·(h·W_e), and its output is off by the
+same relative amount, so the absolute gap grows with the weights' own magnitude. As training
+grows the router logits and the expert weights, the engine–trainer log-prob gap grows with them
+(tests/rollout/test_precision.py measures it against the weights' scale), the compounding that
+PAPER §1 describes for MoE RL.
 """
 from __future__ import annotations
 
