@@ -170,8 +170,8 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
             cfg.model, variables, dataclasses.replace(cfg.engine, record_expert_ids=False),
             **{**engine_kw, "precision": evaluate.FP32_PRECISION})
     prompts = pipeline.prompt_iterator(pipeline.prompt_dataset(
-        task, tokenizer, seed=cfg.seeds.prompts, num_epochs=None, num_prompts=cfg.task.num_prompts,
-        thinking=cfg.task.thinking))
+        task, tokenizer, seed=cfg.seeds.prompts, num_epochs=None,
+        num_prompts=cfg.task.num_prompts, thinking=cfg.task.thinking))
     group_advantages = jax.jit(lambda rewards_NG: advantages_lib.compute_advantages(
         rewards_NG, cfg.rl.advantage).advantages)
     advantage_fn = lambda rewards_G: np.asarray(group_advantages(

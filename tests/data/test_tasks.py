@@ -239,3 +239,38 @@ def test_eval_set_is_fixed_distinct_and_independent_of_the_run():
     # A smaller set is a prefix of a larger one (sizes nest), whatever the training split says.
     assert [r["prompt_text"] for r in evaluate.eval_records(task, ByteTokenizer(), 64)] == \
         prompts[:64]
+
+
+def test_gym_tasks_split_their_items_too(monkeypatch):
+    """reasoning-gym items (a stand-in generator here: 40 distinct questions, shared between
+    seeds as a small generator's are) follow the same hash split."""
+    import sys
+    import types
+
+    from ring_jax.data.tasks import gym
+
+    class FakeDataset(list):
+        def score_answer(self, answer, entry):
+            return float(answer == entry["answer"])
+
+    def create_dataset(name, size, seed):
+        return FakeDataset({"question": f"what is {(7 * i + seed) % 40}?",
+                            "answer": str((7 * i + seed) % 40)} for i in range(size))
+
+    module = types.ModuleType("reasoning_gym")
+    module.create_dataset = create_dataset
+    factory = types.ModuleType("reasoning_gym.factory")
+    factory.DATASETS = {"fake": None}
+    monkeypatch.setitem(sys.modules, "reasoning_gym", module)
+    monkeypatch.setitem(sys.modules, "reasoning_gym.factory", factory)
+    gym._dataset.cache_clear()
+    try:
+        task = tasks.get("gym/fake", size=40, eval_fraction=0.25)
+        train = {task.sample(i, s).prompt for s in range(3) for i in range(200)}
+        held_out = {task.held_out().sample(i, s).prompt for s in range(3) for i in range(200)}
+        assert train and held_out and train.isdisjoint(held_out)
+        assert len(train | held_out) == 40  # together they cover the generator's items
+        record = task.held_out().sample(3, 1)
+        assert task.score(record, f"</think>{record.answer}").reward == 1.0
+    finally:
+        gym._dataset.cache_clear()

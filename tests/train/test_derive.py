@@ -21,7 +21,8 @@ TOKENIZER = get_tokenizer("byte")
 
 
 def _config(seed=0, sections=None, **seeds):
-    values = {"seed": seed, "seeds": seeds, "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 16, "num_heads": 2,
+    values = {"seed": seed, "seeds": seeds,
+              "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 16, "num_heads": 2,
                         "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 16,
                         "num_experts": 4, "moe_intermediate_size": 8},
               "sft": {"seq_len": 32, "batch_size": 2},
