@@ -14,8 +14,8 @@ With few seeds the bootstrap CI is coarse (3 seeds have 10 distinct resample mea
 sign test cannot reach p < 0.05 below 6 seeds; the table says how many seeds each cell rests on.
 
 Readouts are declared in a study's config before its runs (``READOUTS = {name: fn}``, `fn`
-taking one run's metrics records and returning a number or None); `collapse_readout` and
-`spike_readout` build the two the stability study uses.
+taking one run's metrics records and returning a number or None); `collapse_readout`,
+`spike_readout` and `slope_readout` build the ones the stability study uses.
 """
 from __future__ import annotations
 
@@ -181,4 +181,17 @@ def spike_readout(metric: str = "train/grad_norm_max", factor: float = 20.0,
         return float(len(spike_steps(*_series(records, metric), factor, min_history)))
     readout.description = (f"steps with {metric} > {factor:g}× its running median "
                            f"(after {min_history} steps)")
+    return readout
+
+
+def slope_readout(metric: str = "mismatch/abs_logp_diff_mean", per_steps: float = 100.0
+                  ) -> Readout:
+    """A run's least-squares slope of ``metric`` against the step, per ``per_steps`` steps (e.g.
+    how fast |Δlogp| grows over training); None with fewer than two points."""
+    def readout(records):
+        steps, values = _series(records, metric)
+        if len(steps) < 2 or len(set(steps)) < 2:
+            return None
+        return float(np.polyfit(steps, values, 1)[0] * per_steps)
+    readout.description = f"least-squares slope of {metric} per {per_steps:g} steps"
     return readout

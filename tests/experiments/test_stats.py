@@ -88,3 +88,11 @@ def test_spike_rule():
     records = [{"step": s, "train/grad_norm_max": v}
                for s, v in zip(steps, [1, 2, 1, 2, 1, 50, 1, 41])]
     assert stats.spike_readout()(records) == 2.0
+
+
+def test_slope_readout():
+    # |Δlogp| = 0.01 + 0.002 · step/10 -> slope 0.02 per 100 steps, exactly.
+    records = [{"step": s, "mismatch/abs_logp_diff_mean": 0.01 + 0.0002 * s}
+               for s in range(0, 50, 5)]
+    assert stats.slope_readout()(records) == pytest.approx(0.02)
+    assert stats.slope_readout()(records[:1]) is None
