@@ -60,7 +60,9 @@ class SeedStreams:
 
     def __post_init__(self):
         for name in STREAMS:
-            config_lib.check_int(name, getattr(self, name), min_value=DERIVED)
+            # < 2**31: room for the per-request offsets the engine's uint32 seeds add.
+            config_lib.check_int(name, getattr(self, name), min_value=DERIVED,
+                                 max_value=2**31 - 1)
 
     def resolve(self, run_seed: int) -> "SeedStreams":
         """Every stream as a concrete seed: the pinned ones as set, the others derived."""
