@@ -72,7 +72,7 @@ SAME_AS = {f"c3po_phi{DEFAULT_PHI}": "c3po", f"c3po_sigma{DEFAULT_SIGMA}": "c3po
 # first steps' times are mostly compilation.
 STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_s",
                  "perf/step_s", "perf/trained_tokens_per_s", "rl/response_tokens",
-                 "sched/versions_spanned_mean", "mismatch/masked_frac")
+                 "sched/versions_spanned_mean", "mismatch/masked_frac", "moe/dropped_frac")
 TIME_KEY = "time/rl_s"
 TABLE_LAST = 30
 
@@ -92,7 +92,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                        max_staleness=int(values.get("k", 1)), max_active_requests=64)
     c.scheduler.sampling.max_new_tokens = 128
     c.engine.max_len = 176
-    c.eval.update(every=10, num_prompts=48, num_samples=2)
+    c.eval.update(every=10, num_prompts=256, num_samples=2)
     c.checkpoint.update(save_every=20, max_to_keep=1)
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.engine_moe_impl = "capacity"
     c.precision = dict(dtype="bfloat16")
     c.reward = dict(name="task")
-    c.eval = dict(every=25, num_prompts=64, num_samples=4)
+    c.eval = dict(every=25, num_prompts=256, num_samples=4)
     c.checkpoint = dict(save_every=25, max_to_keep=2)
     c.mesh = dict(data=-1)
     c.init_from = ""  # an SFT/RL workdir or a local HF checkpoint to start from

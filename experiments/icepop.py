@@ -19,7 +19,13 @@ never leaves IcePop's [0.5, 5] band (study 1); fp8 experts + σ = 1 give ≈ 0.1
 twice the ≈ 0.05 the IcePop blog names as the level where training fails, while the SFT policy
 still solves ~30% of held-out problems through the noisy engine.
 
-Expected (measured at ``local``, 3 seeds, 40 RL steps; experiments/REPRODUCING.md "Study 2"):
+The trainer's MoE dispatch is dropless (capacity factor 4 = E/K of the tiny preset), so every
+measured mismatch is the engine's, not tokens the trainer dropped (`derive` refuses a mismatch
+knob with a dropping trainer). Evaluation: 256 held-out problems, disjoint from SFT/RL data by
+construction and identical across seeds and arms.
+
+Measured before the issue-12 harness (overlapping evaluation, capacity factor 2; see
+experiments/REPRODUCING.md "Read this first"; to be rerun) at ``local``, 3 seeds, 40 RL steps:
 no arm collapses in 40 steps; "none" ends lowest on held-out pass@1 and with the largest grad
 norm, but within seed noise; IcePop does not beat TIS here; IcePop/KPop mask ~2-3% of tokens,
 whose entropy is ~2-3x the average; R3 cuts the mismatch ~5x. Runtime: ~100 s per arm per seed
@@ -40,7 +46,9 @@ unless ``--config.init_from=<an SFT workdir>/sft --config.sft.num_steps=0``):
 
 Args (comma-separated after ':'):
   correction=none|tis|icepop|kpop|seq_mask   the mismatch correction (default icepop)
-  seed=N                                      run seed (SFT data, sampling, held-out split)
+  seed=N                                      run seed: init, SFT data, prompt order, sampling
+                                              (`ring_jax/train/derive.py`); the evaluation set
+                                              is fixed across seeds and arms
   alpha=A, beta=B, phi=F, cap=C               IcePop band, KPop bound, TIS cap
   aggregation=seq_mean_token_mean|token_mean|seq_mean_token_sum_norm
   masked=kept|removed                         masked tokens in the loss denominator (PAPER §1:
@@ -128,6 +136,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.precision = dict(dtype="bfloat16", fp8_expert_weights="nofp8" not in flags,
                            router_noise_std=float(values.get("noise", 1.0)))
     c.checkpoint.max_to_keep = 1
+    c.model.capacity_factor = 4.0  # E/K: a dropless trainer, so all mismatch is the engine's
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
 
     if "local" in flags:
@@ -135,7 +144,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.rl.num_steps = 40
         c.rl.optim.learning_rate = 2e-4
         c.scheduler.update(batch_size=32, token_budget=384, max_active_requests=64)
-        c.eval.update(every=10, num_prompts=48, num_samples=2)
+        c.eval.update(every=10, num_prompts=256, num_samples=2)
         c.checkpoint.save_every = 20
     if "long" in flags:
         c.rl.num_steps = 200

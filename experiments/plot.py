@@ -4,14 +4,14 @@
     python experiments/plot.py --out=figs IcePop=runs/a_s0 IcePop=runs/a_s1 TIS=runs/b_s0 \
         --metrics=eval/pass@1,rl/reward_mean,mismatch/abs_logp_diff_mean --smooth=5
 
-Workdirs sharing a label are seeds of one setting: their curves are drawn as mean ± std
-(across seeds) against the step, and against wall-clock (each seed interpolated onto a common
-time grid up to the shortest run; ``--time_key=time/rl_s`` counts RL steps only, without
+Workdirs sharing a label are seeds of one setting: their curves are drawn as mean ± sample
+std (ddof=1, across seeds) against the step, and against wall-clock (each seed interpolated onto
+a common time grid up to the shortest run; ``--time_key=time/rl_s`` counts RL steps only, without
 start-up and evaluation). A label is `LABEL=PATH` on the command line, else the workdir's name
 with a trailing seed suffix (`_s0`, `-seed1`, `_seed=2`) removed.
 
 Writes <out>/curves_vs_step.png, <out>/curves_vs_time.png and <out>/summary.md (last value of
-each metric per label, mean ± std over seeds), and prints the table.
+each metric per label, mean ± sample std over seeds), and prints the table.
 """
 from __future__ import annotations
 
@@ -80,8 +80,17 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def _sample_std(values, axis=None):
+    """Sample std over seeds (ddof=1); 0 where there is one seed (no spread to draw)."""
+    values = np.asarray(values, np.float64)
+    n = values.shape[0] if axis == 0 else values.size
+    return np.std(values, axis=axis, ddof=1) if n > 1 else np.zeros_like(
+        values.mean(axis=axis))
+
+
 def aggregate_by_step(runs: list[list[dict]], metric: str, window: int = 1):
-    """Steps present in any seed -> (steps, mean, std, count) over the seeds that logged them."""
+    """Steps present in any seed -> (steps, mean, sample std, count) over the seeds that logged
+    them."""
     per_step: dict[float, list[float]] = defaultdict(list)
     for records in runs:
         x, y = series(records, metric)
@@ -90,12 +99,14 @@ def aggregate_by_step(runs: list[list[dict]], metric: str, window: int = 1):
     steps = np.asarray(sorted(per_step))
     values = [per_step[s] for s in steps]
     return (steps, np.asarray([np.mean(v) for v in values]),
-            np.asarray([np.std(v) for v in values]), np.asarray([len(v) for v in values]))
+            np.asarray([float(_sample_std(v)) for v in values]),
+            np.asarray([len(v) for v in values]))
 
 
 def aggregate_by_time(runs: list[list[dict]], metric: str, window: int = 1,
                       num_points: int = 200, time_key: str = "time/elapsed_s"):
-    """Seeds interpolated onto a common wall-clock grid (to the shortest run) -> mean, std."""
+    """Seeds interpolated onto a common wall-clock grid (to the shortest run) -> mean, sample
+    std."""
     curves = [(x, smooth(y, window)) for x, y in
               (series(r, metric, x_key=time_key) for r in runs) if len(x)]
     if not curves:
@@ -107,7 +118,7 @@ def aggregate_by_time(runs: list[list[dict]], metric: str, window: int = 1,
     else:
         grid = np.linspace(start, end, num_points)
     stacked = np.stack([np.interp(grid, x, y) for x, y in curves])
-    return grid, stacked.mean(0), stacked.std(0)
+    return grid, stacked.mean(0), _sample_std(stacked, axis=0)
 
 
 def pick_metrics(groups_records: dict[str, list[list[dict]]],
@@ -124,14 +135,14 @@ def pick_metrics(groups_records: dict[str, list[list[dict]]],
 
 
 def summary_rows(groups_records: dict[str, list[list[dict]]], metrics: Sequence[str]):
-    """[(label, num_seeds, {metric: (mean, std) of each seed's last value})]."""
+    """[(label, num_seeds, {metric: (mean, sample std) of each seed's last value})]."""
     rows = []
     for label, runs in groups_records.items():
         finals = {}
         for metric in metrics:
             last = [series(r, metric)[1][-1] for r in runs if len(series(r, metric)[1])]
             if last:
-                finals[metric] = (float(np.mean(last)), float(np.std(last)))
+                finals[metric] = (float(np.mean(last)), float(_sample_std(last)))
         rows.append((label, len(runs), finals))
     return rows
 

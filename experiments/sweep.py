@@ -14,9 +14,17 @@ A run that finished is marked by ``<workdir>/SWEEP_DONE`` and skipped, so rerunn
 resumes the sweep (a killed run resumes from its own last checkpoint). ``--study`` selects one
 study (its SFT warm starts come along), ``--seeds`` a subset of seeds (``--seeds=0,1``),
 ``--arms`` a subset of labels. After the runs, `experiments/plot.py` draws each study's arms (one
-label per arm, its seeds as mean ± std) into ``<figures>/<study>/`` (curves_vs_step.png,
-curves_vs_time.png, summary.md) and writes ``table.md`` there: per arm, held-out pass@1 before
-and after RL and each curve's mean over the last ``--last`` steps, mean ± std over seeds.
+label per arm, its seeds as mean ± sample std) into ``<figures>/<study>/`` (curves_vs_step.png,
+curves_vs_time.png, summary.md) and writes ``table.md`` there (`experiments/stats.py`):
+
+  * per arm: held-out pass@1 before RL, at the final evaluation and averaged over the last
+    ``LAST_EVALS`` evaluations, and each curve's mean over the last ``TABLE_LAST`` steps, as
+    mean ± sample std (ddof=1) over seeds;
+  * paired differences against the study's baseline arm (``--baseline``, else the config's
+    ``BASELINE`` (a label, or {study: label}), else the first arm): per seed arm − baseline,
+    mean with a bootstrap 95% CI and a sign test; "n.s." where the CI spans 0;
+  * the config's pre-declared readouts (``READOUTS = {name: fn(records)}``, e.g.
+    `stats.collapse_readout`), per seed and paired against the baseline.
 """
 from __future__ import annotations
 
@@ -34,20 +42,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), REPO]
 import numpy as np  # noqa: E402
 import plot  # noqa: E402  (experiments/plot.py, beside this file)
+import stats  # noqa: E402  (experiments/stats.py)
 
 DONE_MARKER = "SWEEP_DONE"
 # The curves of issue 7's study 2 (metric names from ring_jax.rl.losses.finalize_metrics).
 STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "train/grad_norm",
                  "mismatch/abs_logp_diff_max", "mismatch/abs_logp_diff_mean",
                  "mismatch/masked_frac_above", "mismatch/masked_frac_below",
-                 "rl/entropy_all_tokens", "rl/entropy_masked_tokens")
+                 "rl/entropy_all_tokens", "rl/entropy_masked_tokens", "moe/dropped_frac")
+LAST_EVALS = 4  # evaluations averaged per seed besides the final one
 
 
 def load_sweep(config: str) -> tuple[str, list[dict], dict]:
     """'FILE:SIZE' -> (FILE, FILE's get_sweep(SIZE), how to report it). FILE may set
     ``STUDY_METRICS`` (the curves drawn and tabulated), ``TIME_KEY`` (the wall-clock axis),
-    ``TABLE_LAST`` (steps averaged per seed in table.md) and ``extra_table(groups) -> str``
-    (markdown appended to table.md); defaults: study 2's."""
+    ``TABLE_LAST`` (steps averaged per seed in table.md), ``LAST_EVALS`` (evaluations averaged
+    per seed), ``BASELINE`` (the arm label the others are paired against, or {study: label}),
+    ``READOUTS`` ({name: fn(records) -> float | None}, declared before the runs) and
+    ``extra_table(groups) -> str`` (markdown appended to table.md); defaults: study 2's."""
     path, _, size = config.partition(":")
     spec = importlib.util.spec_from_file_location("_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -55,6 +67,9 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
     report = dict(metrics=getattr(module, "STUDY_METRICS", STUDY_METRICS),
                   time_key=getattr(module, "TIME_KEY", "time/elapsed_s"),
                   last=getattr(module, "TABLE_LAST", 10),
+                  last_evals=getattr(module, "LAST_EVALS", LAST_EVALS),
+                  baseline=getattr(module, "BASELINE", None),
+                  readouts=getattr(module, "READOUTS", {}),
                   extra_table=getattr(module, "extra_table", None))
     return path, module.get_sweep(size), report
 
@@ -107,64 +122,124 @@ def run_all(config_path: str, runs: list[dict], root: str) -> dict[str, float]:
     return times
 
 
-def final_table(groups: dict[str, list[str]], last: int = 10,
-                metrics: Sequence[str] = STUDY_METRICS) -> str:
-    """Markdown table: per label, eval/pass@1 at the first and last evaluation (and averaged
-    over the evaluations after the first), the seconds spent in RL steps (``time/rl_s``: no
-    start-up, no evaluation), the % of finished responses purged for staleness, and each other
-    metric averaged over each seed's last ``last`` steps (a per-step curve is noisy), then
-    mean ± std over seeds. A metric a run never logged (e.g. the masked-token entropy of an arm
-    that masks nothing) is "–"."""
+def seed_of(workdir: str) -> int:
+    """The seed of a run from its name (``<arm>_s<seed>``), which pairs arms."""
+    return int(os.path.basename(os.path.normpath(workdir)).rsplit("_s", 1)[1])
+
+
+def per_seed_values(workdirs: Sequence[str], last: int = 10, last_evals: int = LAST_EVALS,
+                    metrics: Sequence[str] = STUDY_METRICS,
+                    readouts: dict[str, stats.Readout] | None = None
+                    ) -> dict[str, dict[int, float]]:
+    """{column: {seed: value}} of one arm's runs: pass@1 before RL, final, mean of the last
+    ``last_evals`` evaluations and of every evaluation after step 0, RL seconds, purged %, each
+    other metric's mean over the last ``last`` steps, and each readout (None -> nan)."""
+    out: dict[str, dict[int, float]] = {}
     curves = [m for m in metrics if m != "eval/pass@1"]
-    header = ["arm", "seeds", "pass@1 before RL", "pass@1 after RL",
-              "pass@1 mean of RL evals", "RL s", "purged %"] + [
-        f"{m} (last {last})" for m in curves]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for workdir in workdirs:
+        seed = seed_of(workdir)
+        put = lambda key, value, seed=seed: out.setdefault(key, {}).__setitem__(seed, value)
+        records = plot.read_metrics(workdir)
+        _, evals = plot.series(records, "eval/pass@1")
+        if len(evals):
+            put("before", float(evals[0]))
+            put("after", float(evals[-1]))
+            put("last_evals", stats.last_evaluations_mean(evals, last_evals))
+            if len(evals) > 1:  # every evaluation after step 0: less noisy than the last
+                put("during", float(np.mean(evals[1:])))
+        _, rl_seconds = plot.series(records, "time/rl_s")
+        if len(rl_seconds):
+            put("rl_s", float(rl_seconds[-1]))
+        totals = next((r for r in reversed(records) if "sched/total/trained_responses" in r),
+                      None)
+        if totals is not None:  # responses purged (C3PO++ staleness) / responses finished
+            purged = totals.get("sched/total/purged_responses", 0.0)
+            put("purged", 100.0 * purged / max(purged + totals["sched/total/trained_responses"],
+                                               1.0))
+        final_step = max(r.get("step", 0) for r in records)
+        for metric in curves:
+            steps, values = plot.series(records, metric)
+            tail = values[steps > final_step - last]
+            if len(tail):
+                put(metric, float(np.mean(tail)))
+        for name, readout in (readouts or {}).items():
+            value = readout(records)
+            put(name, float("nan") if value is None else float(value))
+    return out
+
+
+def _digits(key: str) -> int:
+    return 4 if "masked_frac" in key or "dropped_frac" in key else 1 if key in (
+        "rl_s", "purged") else 3
+
+
+def final_table(groups: dict[str, list[str]], last: int = 10,
+                metrics: Sequence[str] = STUDY_METRICS, last_evals: int = LAST_EVALS,
+                baseline: str | None = None,
+                readouts: dict[str, stats.Readout] | None = None) -> str:
+    """Markdown: per arm, mean ± sample std over seeds of eval/pass@1 (before RL, final, mean of
+    the last ``last_evals`` evaluations, mean of the evaluations after step 0), the seconds
+    spent in RL steps (``time/rl_s``), the % of finished responses purged for staleness, each
+    other metric averaged over each seed's last ``last`` steps, and each readout; then the
+    paired differences of every arm against ``baseline`` (default: the first arm). A metric a
+    run never logged is "–"."""
+    readouts = readouts or {}
+    curves = [m for m in metrics if m != "eval/pass@1"]
+    values = {label: per_seed_values(w, last, last_evals, metrics, readouts)
+              for label, w in groups.items()}
+    baseline = baseline if baseline in groups else next(iter(groups))
+    lines = [f"Cells: mean ± sample std (ddof=1) over seeds. Paired: arm − {baseline} per seed, "
+             f"mean [bootstrap {stats.CONFIDENCE:.0%} CI, {stats.BOOTSTRAP_RESAMPLES} resamples, "
+             f"seed {stats.BOOTSTRAP_SEED}] (seeds +/−, two-sided sign-test p); n.s.: the CI "
+             "spans 0.", ""]
+    columns = {"before": "pass@1 before RL", "after": "pass@1 final",
+               "last_evals": f"pass@1 last {last_evals} evals",
+               "during": "pass@1 mean of RL evals", "rl_s": "RL s", "purged": "purged %",
+               **{m: f"{m} (last {last})" for m in curves}, **{r: r for r in readouts}}
+    lines += ["| arm | seeds | " + " | ".join(columns.values()) + " |",
+              "|" + "---|" * (len(columns) + 2)]
     for label, workdirs in groups.items():
-        per_seed: dict[str, list[float]] = {}
-        for workdir in workdirs:
-            records = plot.read_metrics(workdir)
-            _, evals = plot.series(records, "eval/pass@1")
-            if len(evals):
-                per_seed.setdefault("before", []).append(evals[0])
-                per_seed.setdefault("after", []).append(evals[-1])
-                if len(evals) > 1:  # every evaluation after step 0: less noisy than the last
-                    per_seed.setdefault("during", []).append(float(np.mean(evals[1:])))
-            _, rl_seconds = plot.series(records, "time/rl_s")
-            if len(rl_seconds):
-                per_seed.setdefault("rl_s", []).append(float(rl_seconds[-1]))
-            totals = next((r for r in reversed(records) if "sched/total/trained_responses" in r),
-                          None)
-            if totals is not None:  # responses purged (C3PO++ staleness) / responses finished
-                purged = totals.get("sched/total/purged_responses", 0.0)
-                per_seed.setdefault("purged", []).append(
-                    100.0 * purged / max(purged + totals["sched/total/trained_responses"], 1.0))
-            final_step = max(r.get("step", 0) for r in records)
-            for metric in curves:
-                steps, values = plot.series(records, metric)
-                tail = values[steps > final_step - last]
-                if len(tail):
-                    per_seed.setdefault(metric, []).append(float(np.mean(tail)))
         cells = []
-        for key in ["before", "after", "during", "rl_s", "purged"] + curves:
-            values = per_seed.get(key, [])
+        for key in columns:
+            per_seed = values[label].get(key, {})
+            finite = [v for v in per_seed.values() if np.isfinite(v)]
+            if key in readouts:  # a readout may be undefined for some seeds (e.g. no collapse)
+                cells.append(f"{stats.mean_std_cell(finite, 1)} ({len(finite)}/{len(per_seed)})"
+                             if per_seed else "–")
             # Runs made before the RL-time clock existed have none: no partial mean.
-            if not values or (key == "rl_s" and len(values) < len(workdirs)):
+            elif not per_seed or (key == "rl_s" and len(per_seed) < len(workdirs)):
                 cells.append("–")
             else:
-                digits = 4 if "masked_frac" in key else 1 if key in ("rl_s", "purged") else 3
-                cells.append(f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
-                             if len(values) > 1 else f"{values[0]:.{digits}f}")
+                cells.append(stats.mean_std_cell(finite, _digits(key)))
         lines.append(f"| {label} | {len(workdirs)} | " + " | ".join(cells) + " |")
+    if readouts:
+        lines += ["", "Readouts (declared before the runs; cells: mean ± std over the seeds where "
+                  "defined (defined/seeds)):"] + [
+            f"- {name}: {getattr(fn, 'description', fn.__doc__ or '')}"
+            for name, fn in readouts.items()]
+    paired_keys = ["after", "last_evals"] + [m for m in curves if m.startswith(
+        ("rl/reward", "mismatch/abs_logp"))] + list(readouts)
+    lines += ["", f"Paired differences against {baseline}:", "",
+              "| arm | " + " | ".join(f"Δ {columns[k]}" for k in paired_keys) + " |",
+              "|" + "---|" * (len(paired_keys) + 1)]
+    for label in groups:
+        if label == baseline:
+            continue
+        cells = [stats.format_paired(stats.paired(values[label].get(k, {}),
+                                                  values[baseline].get(k, {})), _digits(k))
+                 for k in paired_keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_studies(runs: list[dict], root: str, figures: str,
                  metrics: Sequence[str] = STUDY_METRICS, window: int = 1,
                  time_key: str = "time/elapsed_s", last: int = 10,
-                 extra_table: Callable[[dict[str, list[str]]], str] | None = None) -> list[str]:
+                 extra_table: Callable[[dict[str, list[str]]], str] | None = None,
+                 last_evals: int = LAST_EVALS, baseline: str | dict | None = None,
+                 readouts: dict[str, stats.Readout] | None = None) -> list[str]:
     """One figure set and table.md per study under <figures>/<study>/; returns the table.md
-    paths."""
+    paths. ``baseline``: the arm label every other arm is paired against, or {study: label}."""
     summaries = []
     for study in dict.fromkeys(r["study"] for r in runs if r["study"] != "sft"):
         groups: dict[str, list[str]] = {}
@@ -177,7 +252,9 @@ def plot_studies(runs: list[dict], root: str, figures: str,
             plot.plot_groups(groups, out_dir, metrics, window, time_key)
             summaries.append(os.path.join(out_dir, "table.md"))
             with open(summaries[-1], "w") as f:
-                f.write(final_table(groups, last=last, metrics=metrics))
+                study_baseline = baseline.get(study) if isinstance(baseline, dict) else baseline
+                f.write(final_table(groups, last=last, metrics=metrics, last_evals=last_evals,
+                                    baseline=study_baseline, readouts=readouts))
                 if extra_table is not None:
                     f.write("\n" + extra_table(groups))
     return summaries
@@ -194,8 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", default="", help="comma-separated arm labels (default: all)")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
     parser.add_argument("--plot_only", action="store_true", help="only draw the figures")
+    parser.add_argument("--baseline", default="",
+                        help="arm label the others are paired against (default: the config's "
+                             "BASELINE, else the first arm)")
     args = parser.parse_args(argv)
     config_path, runs, report = load_sweep(args.config)
+    if args.baseline:
+        report["baseline"] = args.baseline
     runs = select(runs, args.study, [int(s) for s in args.seeds.split(",") if s],
                   [a for a in args.arms.split(",") if a])
     if not args.plot_only:

@@ -126,7 +126,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
-        cfg = experiment.from_config_dict(flags.FLAGS.config)
+        cfg = experiment.derive(experiment.from_config_dict(flags.FLAGS.config))
     except ConfigError as e:
         sys.exit(f"invalid config: {e}")
     if flags.FLAGS.validate_only:

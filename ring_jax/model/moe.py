@@ -55,6 +55,15 @@ def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
     return max(1, min(num_tokens, wanted))
 
 
+def is_dropless(cfg: ModelConfig) -> bool:
+    """Whether this dispatch can never drop a token: ``reference`` and ``ragged`` always,
+    ``capacity`` when capacity_factor ≥ E/K (then `expert_capacity` gives C = X slots, and a
+    token picks an expert at most once, so every assignment fits)."""
+    if not cfg.is_moe or cfg.moe_impl != "capacity":
+        return True
+    return cfg.capacity_factor >= cfg.num_experts / cfg.num_experts_per_tok
+
+
 def _slot_positions(ids_A, valid_A, num_experts, capacity):
     """Queue position of each assignment inside its expert (token order), and whether it fits."""
     onehot_AE = jax.nn.one_hot(ids_A, num_experts, dtype=jnp.int32) * valid_A[:, None]

@@ -1,8 +1,12 @@
 """Held-out evaluation through the rollout engine: pass@1 (greedy) and avg@k (sampled).
 
-The problems come from the task's generator with a seed the training stream never uses
-(`EvalConfig.seed_offset`), so they form a held-out split. Scoring uses the run's reward
-function; a response counts as correct when the scorer's ``correct`` detail is true.
+The problems (`eval_records`) are a fixed set: the first ``num_prompts`` distinct problems of the
+task's held-out split (`Task.held_out`; disjoint from every SFT/RL draw by construction, see
+`ring_jax.data.tasks.base.in_eval_split`), drawn with a constant seed, so every run seed and every
+arm of a study evaluates the same problems and arms can be compared pairwise. Greedy pass@1 can
+run on its own float32 engine (`EvalConfig.greedy_engine`), so it is a function of the policy
+alone, not of the run's inference noise. Scoring uses the run's reward function; a response
+counts as correct when the scorer's ``correct`` detail is true.
 """
 from __future__ import annotations
 
@@ -11,7 +15,47 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ring_jax.config import ConfigError
+from ring_jax.data import pipeline
+from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.rollout.types import Request, SamplingParams
+
+FP32_PRECISION = InferencePrecision(dtype="float32")  # the greedy engine: no mismatch knobs
+EVAL_SET_SEED = 0  # the held-out problem set's draw; deliberately not the run seed
+EVAL_DRAW_SPACE = 1 << 20  # indices a generated task's eval set is drawn from
+MAX_DRAWS_PER_PROBLEM = 64  # draws per wanted problem before the split counts as too small
+
+
+def eval_records(task, tokenizer, num_prompts: int, thinking: bool = True
+                 ) -> list[dict[str, Any]]:
+    """The fixed evaluation set: the first ``num_prompts`` distinct problems (by prompt) of
+    ``task.held_out()`` drawn with `EVAL_SET_SEED`, as prompt records numbered 0..n-1.
+
+    A task with a finite held-out split smaller than ``num_prompts`` (a file task's held-out
+    rows) is evaluated on all of it; a generated task whose split yields fewer distinct problems
+    raises `ConfigError` naming ``eval.num_prompts``.
+    """
+    held_out = task.held_out()
+    finite = getattr(held_out, "num_examples", None)
+    # One draw order for every size (a smaller set is a prefix of a larger one).
+    ds = pipeline.prompt_dataset(held_out, tokenizer, seed=EVAL_SET_SEED,
+                                 num_prompts=finite or EVAL_DRAW_SPACE, thinking=thinking)
+    num_draws = min(len(ds), MAX_DRAWS_PER_PROBLEM * num_prompts)
+    records, seen = [], set()
+    for i in range(num_draws):
+        record = ds[i]
+        if record["prompt_text"] in seen:
+            continue
+        seen.add(record["prompt_text"])
+        records.append({**record, "prompt_id": len(records), "group_id": len(records)})
+        if len(records) == num_prompts:
+            return records
+    if finite is None or num_draws < len(ds):
+        raise ConfigError(
+            f"eval.num_prompts={num_prompts} is invalid: the held-out split of {task.name} gave "
+            f"{len(records)} distinct problems in {num_draws} draws; lower it or raise "
+            "task.kwargs.eval_fraction")
+    return records
 
 
 def _generate(engine, records: Sequence[dict[str, Any]], sampling: SamplingParams,
@@ -30,13 +74,17 @@ def _generate(engine, records: Sequence[dict[str, Any]], sampling: SamplingParam
 
 def evaluate(engine, records: Sequence[dict[str, Any]],
              reward_fn: Callable[[Any, Sequence[int], str | None], tuple[float, dict]],
-             sampling: SamplingParams, num_samples: int, seed: int = 0) -> dict[str, float]:
-    """``eval/pass@1`` (greedy), ``eval/avg@k`` and ``eval/pass@k`` (k sampled responses per
-    problem at ``sampling``), mean reward and response length. The engine must be idle."""
-    out: dict[str, float] = {}
+             sampling: SamplingParams, num_samples: int, seed: int = 0,
+             greedy_engine=None) -> dict[str, float]:
+    """``eval/pass@1`` (greedy, on ``greedy_engine`` when given, else ``engine``),
+    ``eval/avg@k`` and ``eval/pass@k`` (k sampled responses per problem at ``sampling`` on
+    ``engine``, request seeds from ``seed``), mean reward, response length and the number of
+    problems. The engines must be idle."""
+    out: dict[str, float] = {"eval/num_problems": float(len(records))}
     greedy = dataclasses.replace(sampling, greedy=True)
     for tag, params, k in (("greedy", greedy, 1), ("sampled", sampling, num_samples)):
-        done = _generate(engine, records, params, k, seed, tag)
+        runner = greedy_engine if tag == "greedy" and greedy_engine is not None else engine
+        done = _generate(runner, records, params, k, seed, tag)
         correct, rewards, lengths = [], [], []
         for q in done:
             reward, info = reward_fn(q.metadata["record"], q.tokens, q.finish_reason)

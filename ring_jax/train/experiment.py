@@ -7,6 +7,8 @@ keeps one definition (and one validation) across the library:
     model       ModelConfig (``preset`` names a starting point in `ring_jax.model.presets`,
                 the other keys override its fields)
     task        TaskConfig: registered task name + its keyword arguments
+    seeds       SeedStreams: per-consumer seeds, derived from ``seed`` unless pinned
+                (`ring_jax.train.derive`: `derive(cfg)` fills every derived field)
     eval        EvalConfig: held-out pass@1 (greedy) and avg@k (sampled)
     sft         SFTConfig (``sft.num_steps = 0`` skips the SFT warm start); sft_optim
     rl          RLConfig: steps, minibatches, advantage (AdvantageConfig), router bias/replay,
@@ -38,6 +40,7 @@ from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.scheduler.config import SchedulerConfig
 from ring_jax.train import init_from as init_from_lib
 from ring_jax.train.checkpoint import CheckpointConfig
+from ring_jax.train.derive import SeedStreams, derive  # noqa: F401  (experiment.derive)
 from ring_jax.train.optim import OptimConfig
 from ring_jax.train.sft import SFTConfig
 
@@ -65,21 +68,28 @@ class TaskConfig:
             config_lib.fail("kwargs", dict(self.kwargs), f"not accepted by task {self.name!r}: {e}")
 
 
+GREEDY_ENGINES = ("float32", "engine")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: problems drawn with ``seed_offset`` added to the run seed, so they
-    are a split the training stream (run seed) never samples."""
+    """Held-out evaluation on a fixed problem set (`ring_jax.train.evaluate.eval_records`): the
+    task's held-out split (`Task.held_out`, disjoint from every training draw by construction),
+    the first ``num_prompts`` distinct problems of it, the same for every run seed and arm, so
+    arms pair. ``greedy_engine``: pass@1 is decoded by a float32 engine without mismatch knobs
+    ("float32": a function of the policy alone) or by the run's engine ("engine"); sampled
+    metrics (avg@k, pass@k) always use the run's engine and the ``seeds.eval`` stream."""
 
     every: int = 10  # RL steps between evaluations (0: only at the end)
-    num_prompts: int = 64
+    num_prompts: int = 256
     num_samples: int = 4  # k of avg@k (sampled at the training temperature)
-    seed_offset: int = 1_000_000
+    greedy_engine: str = "float32"
 
     def __post_init__(self):
         config_lib.check_int("every", self.every, min_value=0)
         config_lib.check_int("num_prompts", self.num_prompts, min_value=1)
         config_lib.check_int("num_samples", self.num_samples, min_value=1)
-        config_lib.check_int("seed_offset", self.seed_offset, min_value=1)
+        config_lib.check_one_of("greedy_engine", self.greedy_engine, GREEDY_ENGINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +102,10 @@ class RLConfig:
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     router_bias_rate: float = 1e-3  # u of the aux-loss-free bias update (PAPER §4); 0: frozen
     router_replay: bool = False  # R3: train with the experts the engine chose
+    # A run whose engine widens the mismatch on purpose (precision.fp8_expert_weights,
+    # router_noise_std, expert_scale_error_std) must train with a dropless MoE dispatch, or the
+    # trainer's capacity drops add a mismatch of their own (`derive`); True allows it.
+    allow_trainer_drops: bool = False
     logprob_chunk: int = 128  # tokens per chunk of the log-prob / entropy computation
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -101,6 +115,8 @@ class RLConfig:
         config_lib.check_int("num_minibatches", self.num_minibatches, min_value=1)
         config_lib.check_float("router_bias_rate", self.router_bias_rate, min_value=0.0)
         config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
+        config_lib.check(isinstance(self.allow_trainer_drops, bool), "allow_trainer_drops",
+                         self.allow_trainer_drops, "must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +153,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
+    seeds: SeedStreams = dataclasses.field(default_factory=SeedStreams)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

@@ -48,24 +48,9 @@ CONSOLE_FIELDS = {"reward": "rl/reward_mean", "eval": "eval/pass@1",
                   "tok/s": "perf/trained_tokens_per_s"}
 
 
-def _scheduler_config(cfg: experiment.ExperimentConfig, tokenizer) -> Any:
-    """The scheduler config with the tokenizer's stop token and the engine's routing shape."""
-    sampling = cfg.scheduler.sampling
-    stops = tuple(dict.fromkeys((*sampling.stop_token_ids, tokenizer.eos_id)))
-    expert_ids_shape = None
-    if cfg.engine.record_expert_ids and cfg.model.is_moe:
-        expert_ids_shape = (cfg.model.num_moe_layers, cfg.model.num_experts_per_tok)
-    return dataclasses.replace(cfg.scheduler, expert_ids_shape=expert_ids_shape,
-                               sampling=dataclasses.replace(sampling, stop_token_ids=stops))
-
-
 def _eval_records(cfg: experiment.ExperimentConfig, task, tokenizer) -> list[dict[str, Any]]:
-    """The held-out evaluation prompts: the task's held-out problems (`Task.held_out`) drawn
-    with the evaluation seed."""
-    ds = pipeline.prompt_dataset(task.held_out(), tokenizer,
-                                 seed=cfg.seed + cfg.eval.seed_offset,
-                                 num_prompts=cfg.eval.num_prompts, thinking=cfg.task.thinking)
-    return [ds[i] for i in range(len(ds))]
+    """The fixed held-out evaluation set (`evaluate.eval_records`): the same for every seed."""
+    return evaluate.eval_records(task, tokenizer, cfg.eval.num_prompts, cfg.task.thinking)
 
 
 def _engine_mesh(mesh):
@@ -116,7 +101,7 @@ def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
         var_shardings = sharding.param_shardings(
             mesh, sharding.param_logical_axes(model, tokens))
         variables = jax.jit(model.init, out_shardings=var_shardings)(
-            jax.random.key(cfg.seed), tokens)
+            jax.random.key(cfg.seeds.init), tokens)
         policy_dir = policy_source(cfg, workdir)
         if policy_dir and load_policy:
             variables = init_from_lib.load_policy(policy_dir, cfg.model, variables)
@@ -138,6 +123,7 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
 def _run(cfg: experiment.ExperimentConfig, workdir: str,
          stop: preemption.StopOnSignal) -> dict[str, float]:
     # ---------------------------------------------------------------- setup
+    cfg = experiment.derive(cfg)  # seed streams, stop tokens, routing shape (config.json has them)
     init_from_lib.check_workdir(cfg.init_from, workdir, cfg.sft.num_steps)
     distributed.maybe_initialize()
     is_main = distributed.is_main()
@@ -154,13 +140,13 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
     tokenizer = get_tokenizer(cfg.task.tokenizer)
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
     model = Transformer(cfg.model)
-    sched_cfg = _scheduler_config(cfg, tokenizer)
+    sched_cfg = cfg.scheduler
     reward_fn = rewards.make_reward_fn(cfg.reward, task, tokenizer)
 
     # ---------------------------------------------------------------- SFT warm start
     if cfg.sft.num_steps:
         sft.train_sft(model, task, tokenizer, os.path.join(workdir, "sft"), cfg.sft,
-                      cfg.sft_optim, cfg.checkpoint, rng=jax.random.key(cfg.seed),
+                      cfg.sft_optim, cfg.checkpoint, rng=jax.random.key(cfg.seeds.init),
                       is_main=is_main, initial_policy=(
                           (lambda target: init_from_lib.load_policy(cfg.init_from, cfg.model,
                                                                     target))
@@ -187,9 +173,15 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
     eval_engine = engine if cfg.scheduler.mode != "async" else Engine.from_model(
         cfg.model, variables, dataclasses.replace(cfg.engine, record_expert_ids=False),
         **engine_kw)
+    # Greedy pass@1 on a float32 engine without mismatch knobs: a function of the policy alone.
+    greedy_engine = None
+    if cfg.eval.greedy_engine == "float32" and cfg.precision != evaluate.FP32_PRECISION:
+        greedy_engine = Engine.from_model(
+            cfg.model, variables, dataclasses.replace(cfg.engine, record_expert_ids=False),
+            **{**engine_kw, "precision": evaluate.FP32_PRECISION})
     prompts = pipeline.prompt_iterator(pipeline.prompt_dataset(
-        task, tokenizer, seed=cfg.seed, num_epochs=None, num_prompts=cfg.task.num_prompts,
-        thinking=cfg.task.thinking))
+        task, tokenizer, seed=cfg.seeds.prompts, num_epochs=None,
+        num_prompts=cfg.task.num_prompts, thinking=cfg.task.thinking))
     group_advantages = jax.jit(lambda rewards_NG: advantages_lib.compute_advantages(
         rewards_NG, cfg.rl.advantage).advantages)
     advantage_fn = lambda rewards_G: np.asarray(group_advantages(
@@ -207,8 +199,11 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
     def run_eval(step: int, variables) -> dict[str, float]:
         t0 = time.perf_counter()
         eval_engine.load_weights(variables, step)
+        if greedy_engine is not None:
+            greedy_engine.load_weights(variables, step)
         out = evaluate.evaluate(eval_engine, eval_records, reward_fn, sched_cfg.sampling,
-                                cfg.eval.num_samples, seed=cfg.seed)
+                                cfg.eval.num_samples, seed=cfg.seeds.eval,
+                                greedy_engine=greedy_engine)
         out["perf/eval_s"] = time.perf_counter() - t0
         return out
 

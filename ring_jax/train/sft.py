@@ -50,6 +50,8 @@ class SFTConfig:
     router_bias_rate: u of the aux-loss-free expert-bias update (0 disables).
     z_loss_coef / seq_aux_loss_coef: weights of the router z-loss and sequence balance loss.
     log_every: steps between console lines (metrics are recorded every step).
+    seed: data order and problems; in an experiment it is the ``sft`` stream of the run seed
+    (`ring_jax.train.derive`), not set directly.
     """
     seq_len: int = 128
     batch_size: int = 8

@@ -120,7 +120,7 @@ def test_file_rows_split_into_disjoint_train_and_held_out_sets(tmp_path):
     # The bundled samples hold out at least one row; no split, no held-out rows.
     assert tasks.get("code", **CODE_KW).held_out().num_examples >= 1
     assert tasks.get("math", eval_fraction=0.0, **kw).held_out().num_examples == 42
-    assert tasks.get("addition").held_out() == tasks.get("addition")
+    assert tasks.get("addition").held_out() == tasks.get("addition", split="eval")
     with pytest.raises(ConfigError, match="eval_fraction"):
         tasks.get("math", eval_fraction=1.0, **kw)
     with pytest.raises(ConfigError, match="split"):

@@ -145,3 +145,132 @@ def test_config_validation():
         tasks.get("nope")
     with pytest.raises(ConfigError, match="num_operands"):
         tasks.get("addition", num_operands=1)
+
+
+# ----------------------------------------------------------------- held-out split by construction
+
+def _training_prompts(task, num_draws: int) -> set[str]:
+    """Problems the two training paths draw: the SFT stream (`SFTBatches`' index order) and
+    the RL prompt stream (`pipeline.prompt_dataset`), half each, with two seeds."""
+    from ring_jax.data import pipeline
+    from ring_jax.data.tokenizer import ByteTokenizer
+    from ring_jax.train.sft import SFTBatches, SFTConfig
+    num_examples = getattr(task, "num_examples", None)
+    if num_examples is not None:  # a file task: a few epochs visit every training row
+        num_draws = min(num_draws, 4 * num_examples)
+    num_examples = num_examples or 100_000
+    sft = SFTBatches(task, ByteTokenizer(), SFTConfig(num_examples=num_examples, seed=7))
+    prompts = {task.sample(sft._task_index(p), 7).prompt for p in range(num_draws // 2)}
+    rl = pipeline.prompt_dataset(task, ByteTokenizer(), seed=8, num_epochs=None,
+                                 num_prompts=num_examples)
+    prompts |= {rl[i]["prompt_text"] for i in range(num_draws // 2)}
+    return prompts
+
+
+def _check_disjoint(name: str, num_draws: int):
+    from ring_jax.data.tokenizer import ByteTokenizer
+    from ring_jax.train import evaluate
+    task = tasks.get(name, **PROCEDURAL.get(name, {}))
+    eval_set = {r["prompt_text"] for r in evaluate.eval_records(task, ByteTokenizer(), 256)}
+    held_out = task.held_out()
+    # The whole reachable held-out split, not only the 256 evaluated problems.
+    split = eval_set | {held_out.sample(i, s).prompt for s in (0, 1) for i in range(500)}
+    overlap = _training_prompts(task, num_draws) & split
+    assert not overlap, (name, sorted(overlap)[:5])
+
+
+@pytest.mark.parametrize("name", sorted(set(tasks.names())))
+def test_training_never_draws_an_evaluation_problem(name):
+    # 10^4 draws per task here (a few seconds in all); 10^5 in the slow variant below. A split by
+    # seed (the old `seed_offset`) fails at once: 2-digit addition has 8,100 problems.
+    _check_disjoint(name, 10_000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(tasks.names())))
+def test_training_never_draws_an_evaluation_problem_over_1e5_draws(name):
+    _check_disjoint(name, 100_000)
+
+
+def test_split_is_a_function_of_the_problem_alone():
+    from ring_jax.data.tasks.base import in_eval_split
+    task = tasks.get("addition", min_size=2, max_size=2)
+    held_out = task.held_out()
+    assert held_out.split == "eval" and task.split == "train"
+    for i in range(200):
+        for record, is_eval in ((task.sample(i, 3), False), (held_out.sample(i, 3), True)):
+            assert in_eval_split("addition", record.prompt, 0.1) == is_eval
+    # Hand-checked share: of the 8,100 two-digit sums, the hash holds out ~10%.
+    problems = [f"{a}+{b}=" for a in range(10, 100) for b in range(10, 100)]
+    share = sum(in_eval_split("addition", p, 0.1) for p in problems) / len(problems)
+    assert 0.09 < share < 0.11, share
+    # The salt is the task's name: another task's identical prompt text is split independently.
+    assert [in_eval_split("a", p, 0.5) for p in problems[:64]] != [
+        in_eval_split("b", p, 0.5) for p in problems[:64]]
+    # No split: "all" trains on everything and evaluates on the same problems.
+    everything = tasks.get("addition", split="all")
+    assert everything.held_out() is everything
+    assert {everything.sample(i, 0).prompt for i in range(3000)} & {
+        held_out.sample(i, 0).prompt for i in range(300)}
+
+
+def test_an_empty_split_is_a_config_error_naming_eval_fraction():
+    tiny_space = tasks.get("reverse", min_size=1, max_size=1, alphabet=2)  # 2 problems
+    with pytest.raises(ConfigError, match=r"eval_fraction=1e-09 is invalid"):
+        tasks.get("reverse", min_size=1, max_size=1, alphabet=2,
+                  eval_fraction=1e-9).held_out().sample(0, 0)
+    with pytest.raises(ConfigError, match="eval.num_prompts=256 is invalid"):
+        from ring_jax.data.tokenizer import ByteTokenizer
+        from ring_jax.train import evaluate
+        evaluate.eval_records(tasks.get("addition", min_size=1, max_size=1), ByteTokenizer(), 256)
+    assert tiny_space.split == "train"
+
+
+def test_eval_set_is_fixed_distinct_and_independent_of_the_run():
+    from ring_jax.data.tokenizer import ByteTokenizer
+    from ring_jax.train import evaluate
+    task = tasks.get("addition", min_size=2, max_size=2)
+    records = evaluate.eval_records(task, ByteTokenizer(), 256)
+    prompts = [r["prompt_text"] for r in records]
+    assert len(prompts) == len(set(prompts)) == 256
+    assert [r["prompt_id"] for r in records] == list(range(256))
+    assert prompts == [r["prompt_text"] for r in evaluate.eval_records(task, ByteTokenizer(),
+                                                                       256)]
+    # A smaller set is a prefix of a larger one (sizes nest), whatever the training split says.
+    assert [r["prompt_text"] for r in evaluate.eval_records(task, ByteTokenizer(), 64)] == \
+        prompts[:64]
+
+
+def test_gym_tasks_split_their_items_too(monkeypatch):
+    """reasoning-gym items (a stand-in generator here: 40 distinct questions, shared between
+    seeds as a small generator's are) follow the same hash split."""
+    import sys
+    import types
+
+    from ring_jax.data.tasks import gym
+
+    class FakeDataset(list):
+        def score_answer(self, answer, entry):
+            return float(answer == entry["answer"])
+
+    def create_dataset(name, size, seed):
+        return FakeDataset({"question": f"what is {(7 * i + seed) % 40}?",
+                            "answer": str((7 * i + seed) % 40)} for i in range(size))
+
+    module = types.ModuleType("reasoning_gym")
+    module.create_dataset = create_dataset
+    factory = types.ModuleType("reasoning_gym.factory")
+    factory.DATASETS = {"fake": None}
+    monkeypatch.setitem(sys.modules, "reasoning_gym", module)
+    monkeypatch.setitem(sys.modules, "reasoning_gym.factory", factory)
+    gym._dataset.cache_clear()
+    try:
+        task = tasks.get("gym/fake", size=40, eval_fraction=0.25)
+        train = {task.sample(i, s).prompt for s in range(3) for i in range(200)}
+        held_out = {task.held_out().sample(i, s).prompt for s in range(3) for i in range(200)}
+        assert train and held_out and train.isdisjoint(held_out)
+        assert len(train | held_out) == 40  # together they cover the generator's items
+        record = task.held_out().sample(3, 1)
+        assert task.score(record, f"</think>{record.answer}").reward == 1.0
+    finally:
+        gym._dataset.cache_clear()

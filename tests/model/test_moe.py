@@ -102,3 +102,24 @@ def test_slot_positions_property(num_assignments, capacity, seed):
     assert not kept[~valid].any()
     counts = np.bincount(ids[valid], minlength=E)
     assert int((valid & ~kept).sum()) == int(np.maximum(counts - capacity, 0).sum())
+
+
+def test_capacity_factor_e_over_k_is_dropless_even_when_every_token_picks_the_same_experts(
+        inputs, reference):
+    cfg, x, ids, w, valid, weights = inputs
+    dropless = dataclasses.replace(cfg, moe_impl="capacity",
+                                   capacity_factor=cfg.num_experts / cfg.num_experts_per_tok)
+    assert moe.is_dropless(dropless)
+    assert not moe.is_dropless(dataclasses.replace(dropless, capacity_factor=2.0))
+    assert moe.is_dropless(dataclasses.replace(cfg, moe_impl="ragged", capacity_factor=1.0))
+    # Worst case: every token routed to experts 0 and 1 (C = X·K/E·E/K = X slots each).
+    same_ids = jnp.broadcast_to(jnp.arange(cfg.num_experts_per_tok), ids.shape)
+    y, dropped, _ = _run(dropless, x, same_ids, w, valid, weights)
+    y_ref, _, _ = _run(dataclasses.replace(cfg, moe_impl="reference"), x, same_ids, w, valid,
+                       weights)
+    assert float(dropped) == 0.0
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    # Below E/K the same routing drops: what the check in `derive` guards against.
+    _, dropped_cf2, _ = _run(dataclasses.replace(dropless, capacity_factor=2.0), x, same_ids, w,
+                             valid, weights)
+    assert float(dropped_cf2) > 0

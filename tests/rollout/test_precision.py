@@ -76,3 +76,61 @@ def test_router_noise_touches_only_router_weights_and_depends_on_version(variabl
     delta = a0["params"]["layers_1"]["moe"]["router"] - variables["params"]["layers_1"]["moe"][
         "router"]
     np.testing.assert_allclose(jnp.std(h @ delta), 0.5, rtol=0.15)
+
+
+def test_expert_scale_error_is_per_expert_fixed_per_run_and_relative(variables):
+    knob = InferencePrecision("float32", expert_scale_error_std=0.1)
+    a0 = precision_lib.prepare_variables(variables, knob, 0)
+    a7 = precision_lib.prepare_variables(variables, knob, 7)
+    moe = "['params']['layers_1']['moe']"
+    assert _changed(variables, a0) == {f"{moe}['{n}']" for n in ("router", "gate", "up", "down")}
+    assert _changed(a0, a7) == set()  # systematic: the same error at every policy version
+    other = precision_lib.prepare_variables(
+        variables, InferencePrecision("float32", expert_scale_error_std=0.1,
+                                      expert_scale_error_seed=1), 0)
+    assert _changed(a0, other) == _changed(variables, a0)
+    # One factor per expert: the ratio engine/trainer is constant within expert e's slice
+    # (router column e; gate[e]) and ≈ 1 + 0.1·N(0, 1) across experts.
+    w = variables["params"]["layers_1"]["moe"]
+    ratio_E = a0["params"]["layers_1"]["moe"]["router"] / w["router"]
+    np.testing.assert_allclose(ratio_E, np.broadcast_to(ratio_E[:1], ratio_E.shape), rtol=1e-5)
+    gate_ratio = a0["params"]["layers_1"]["moe"]["gate"] / w["gate"]
+    np.testing.assert_allclose(gate_ratio, gate_ratio[:, :1, :1] * np.ones_like(gate_ratio),
+                               rtol=1e-5)
+    assert 0.0 < float(jnp.std(gate_ratio[:, 0, 0])) < 0.3
+    with pytest.raises(config_lib.ConfigError, match="expert_scale_error_std"):
+        InferencePrecision(expert_scale_error_std=-0.1)
+
+
+def test_expert_scale_error_gap_grows_with_the_weights_scale(tiny_cfg, variables):
+    # fp32 engine weights, so the knob is the only difference from the trainer. Scaling the MoE
+    # weights (what training does as it sharpens the router and grows the experts) by c grows
+    # the engine-trainer |Δlogp|; without the knob it stays exactly 0. A parameter-independent
+    # error (or one redrawn per version) would not grow with c.
+    from ring_jax.model import Transformer
+    model = Transformer(tiny_cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 48), 0, 256)
+
+    @jax.jit
+    def logp(v):
+        logits, _ = model.apply(v, tokens)
+        lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        return jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]
+
+    def scaled(c):
+        def scale(path, w):
+            names = precision_lib._path_names(path)
+            moe_weight = names[-2:-1] == ("moe",) and names[-1] in ("router", "gate", "up", "down")
+            return w * c if moe_weight else w
+        return {**variables, "params": jax.tree_util.tree_map_with_path(scale, variables["params"])}
+
+    def gap(c, std):
+        v = scaled(c)
+        engine = precision_lib.prepare_variables(
+            v, InferencePrecision("float32", expert_scale_error_std=std), 0)
+        return float(jnp.abs(logp(v) - logp(engine)).mean())
+
+    assert gap(1, 0.0) == gap(9, 0.0) == 0.0
+    g1, g3, g9 = gap(1, 0.1), gap(3, 0.1), gap(9, 0.1)
+    assert 0.0 < g1 < g3 < g9, (g1, g3, g9)
+    assert g3 > 3 * g1

@@ -40,7 +40,7 @@ def test_aggregation_hand_values(plot):
     steps, mean, std, count = plot.aggregate_by_step([run_a, run_b], "m")
     np.testing.assert_array_equal(steps, [1, 2, 3])
     np.testing.assert_allclose(mean, [2.0, 3.0, 5.0])   # the NaN of run b is not averaged in
-    np.testing.assert_allclose(std, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(std, [2 ** 0.5, 0.0, 0.0])  # sample std (ddof=1) of 1, 3
     np.testing.assert_array_equal(count, [2, 1, 1])
     grid, mean_t, _ = plot.aggregate_by_time([run_a, run_b], "m", num_points=3)
     # Common grid 0..10 s (the shorter run); run b is interpolated between 0 s and 30 s.
@@ -63,7 +63,7 @@ def test_main_writes_figures_and_summary(plot, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     table = open(out / "summary.md").read()
     # Final eval: seeds 0.8 and 0.6 -> 0.7 ± 0.1; final reward 0.9 and 0.7 -> 0.8 ± 0.1.
-    assert "| icepop | 2 | 0.7 ± 0.1 | 0.8 ± 0.1 |" in table
+    assert "| icepop | 2 | 0.7 ± 0.14 | 0.8 ± 0.14 |" in table
     assert "| none | 1 | 0.2 | 0.3 |" in table
     assert table in capsys.readouterr().out
 

@@ -9,6 +9,14 @@ knob) with two methods:
   verifier bug becomes reward 0 with ``details["error"]``, so one bad response cannot take down
   the reward worker pool.
 
+Evaluation is disjoint from training by construction (`in_eval_split`): a problem belongs to the
+held-out split when a hash of its prompt falls in the first ``eval_fraction`` of the hash range.
+The rule depends on the problem alone (not on the seed, the index or the order of draws), so a
+``split="train"`` task (the default: SFT and RL) can never produce a problem that its
+``held_out()`` task (``split="eval"``) produces, under any seed. A generated task draws again
+from the same stream until the problem falls in its split, so ``sample`` stays a pure function
+of ``(config, index, seed)``; file tasks split their rows the same way (`file_task.FileTask`).
+
 Response convention (see `ring_jax.data.tokenizer`): ``reasoning</think>answer`` — the answer is
 the text after the last ``</think>``; inside it a ``\\boxed{...}`` or ``Answer: ...`` is preferred,
 otherwise the last non-empty line.
@@ -24,8 +32,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ring_jax.config import check_float, check_int
+from ring_jax.config import ConfigError, check_float, check_int, check_one_of
 
+SPLITS = ("train", "eval", "all")
+MAX_SPLIT_DRAWS = 1000  # draws before a split is declared empty for this task's config
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -132,15 +142,23 @@ def task_rng(name: str, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(name.encode()), seed & 0xFFFFFFFF, index])
 
 
+def in_eval_split(task_name: str, prompt: str, eval_fraction: float) -> bool:
+    """Whether the problem ``prompt`` of task ``task_name`` is held out for evaluation: its
+    CRC-32 (salted with the task's name) is below ``eval_fraction`` of the 32-bit range. A pure
+    function of the problem, so duplicates land on the same side, whatever produced them."""
+    return zlib.crc32(f"{task_name}\n{prompt}".encode()) < eval_fraction * 2**32
+
+
 def draw_size(rng: np.random.Generator, lo: int, hi: int, tail: float) -> int:
     """A difficulty in [lo, hi] with P(size) ∝ (size - lo + 1) ** -tail.
 
     ``tail=0`` is uniform; larger ``tail`` makes most draws easy and a few hard, which gives
     the long-tailed response lengths that C3PO++'s token budget is designed for (PAPER §3.2).
     """
-    sizes = np.arange(lo, hi + 1)
-    weights = (sizes - lo + 1.0) ** -tail
-    return int(rng.choice(sizes, p=weights / weights.sum()))
+    if lo == hi:  # one size: no draw (the cheap path of the most common config)
+        return lo
+    cdf = np.cumsum((np.arange(1, hi - lo + 2, dtype=np.float64)) ** -tail)
+    return lo + int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +167,15 @@ class Task(abc.ABC):
 
     ``min_size``/``max_size``/``size_tail``: the difficulty knob (see `draw_size`); what "size"
     means is task-specific (digits, chain length, list length, ...).
+    ``eval_fraction``: share of the problem space held out for evaluation (`in_eval_split`);
+    ``split``: which problems this task produces: "train" (the rest; SFT and RL), "eval" (the
+    held-out ones; `held_out` gives it) or "all" (no split).
     """
     min_size: int = 2
     max_size: int = 2
     size_tail: float = 0.0
+    eval_fraction: float = 0.1
+    split: str = "train"
 
     name = "task"
 
@@ -160,19 +183,35 @@ class Task(abc.ABC):
         check_int("min_size", self.min_size, min_value=1)
         check_int("max_size", self.max_size, min_value=self.min_size)
         check_float("size_tail", self.size_tail, min_value=0.0)
+        check_float("eval_fraction", self.eval_fraction, min_value=0.0, max_value=1.0)
+        check_one_of("split", self.split, SPLITS)
+
+    def in_split(self, prompt: str) -> bool:
+        """Whether this task's split contains the problem ``prompt``."""
+        if self.split == "all" or self.eval_fraction == 0:
+            return self.split != "eval"
+        return in_eval_split(self.name, prompt, self.eval_fraction) == (self.split == "eval")
 
     def sample(self, index: int, seed: int) -> PromptRecord:
         rng = task_rng(self.name, index, seed)
-        size = draw_size(rng, self.min_size, self.max_size, self.size_tail)
-        prompt, answer, thoughts, metadata = self._sample(rng, size)
-        return PromptRecord(task=self.name, index=index, seed=seed, prompt=prompt,
-                            answer=answer, thoughts=thoughts, metadata=metadata)
+        for _ in range(MAX_SPLIT_DRAWS):  # rejection: ~1/(share of the split) draws on average
+            size = draw_size(rng, self.min_size, self.max_size, self.size_tail)
+            prompt, answer, thoughts, metadata = self._sample(rng, size)
+            if self.in_split(prompt):
+                return PromptRecord(task=self.name, index=index, seed=seed, prompt=prompt,
+                                    answer=answer, thoughts=thoughts, metadata=metadata)
+        raise ConfigError(
+            f"task.kwargs.eval_fraction={self.eval_fraction!r} is invalid: {self.name} drew no "
+            f"problem of split {self.split!r} in {MAX_SPLIT_DRAWS} draws (index {index}, seed "
+            f"{seed}); its problem space is too small for this split")
 
     def held_out(self) -> Task:
-        """The task to evaluate on, with problems training does not see. A generated task is
-        its own held-out set: evaluation draws it with another seed (`EvalConfig.seed_offset`);
-        file tasks return their held-out rows."""
-        return self
+        """The task to evaluate on: the held-out split (``split="eval"``), disjoint from this
+        task's problems by construction. With ``split="all"`` or ``eval_fraction=0`` there is
+        none, and evaluation uses the training problems themselves."""
+        if self.split == "all" or self.eval_fraction == 0:
+            return self
+        return dataclasses.replace(self, split="eval")
 
     def score(self, record: PromptRecord | Mapping[str, Any], response_text: str) -> RewardResult:
         try:

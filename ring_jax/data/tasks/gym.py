@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Mapping
 
 from ring_jax.config import check_int, fail
-from ring_jax.data.tasks.base import PromptRecord, Task, last_boxed
+from ring_jax.data.tasks.base import MAX_SPLIT_DRAWS, PromptRecord, Task, last_boxed
 
 
 def _freeze(value: Any) -> Any:
@@ -64,9 +65,19 @@ class GymTask(Task):
         return _dataset(self.dataset, self.size, seed, self.config)[index % self.size]
 
     def sample(self, index: int, seed: int) -> PromptRecord:
-        entry = self._entry(index, seed)
-        return PromptRecord(task=self.name, index=index, seed=seed, prompt=entry["question"],
-                            answer=str(entry["answer"]), thoughts=None, metadata={})
+        """Item ``index`` of the generated set, or, when it lies outside this task's split
+        (`Task.in_split`), the first item in the split at indices probed by a hash of
+        (index, attempt); the record's ``index`` is the item's own (what `score` looks up)."""
+        for attempt in range(MAX_SPLIT_DRAWS):
+            item = index if attempt == 0 else zlib.crc32(f"{index}/{attempt}".encode())
+            entry = self._entry(item, seed)
+            if self.in_split(entry["question"]):
+                return PromptRecord(task=self.name, index=item % self.size, seed=seed,
+                                    prompt=entry["question"], answer=str(entry["answer"]),
+                                    thoughts=None, metadata={})
+        fail("eval_fraction", self.eval_fraction,
+             f"{self.name} found no item of split {self.split!r} in {MAX_SPLIT_DRAWS} draws "
+             f"(size={self.size}); raise size or change eval_fraction")
 
     def _sample(self, rng, size):  # `sample` is overridden: items come from reasoning-gym
         raise NotImplementedError("gym tasks sample reasoning-gym items, see `sample`")
