@@ -207,9 +207,12 @@ class ExperimentConfig:
         length_check.check_task_lengths(
             tasks.get(self.task.name, **dict(self.task.kwargs)),
             get_tokenizer(self.task.tokenizer),
-            seeds=(self.seed, self.seed + self.eval.seed_offset), thinking=self.task.thinking,
+            # The streams the run draws problems with: RL prompts, and the fixed evaluation
+            # set's draw (`evaluate.EVAL_SET_SEED` = 0) of the held-out split.
+            seeds=(self.seeds.resolve(self.seed).prompts, 0), thinking=self.task.thinking,
             max_seq_len=self.scheduler.max_seq_len,
-            sft_seq_len=self.sft.seq_len if self.sft.num_steps else 0, sft_seed=self.sft.seed,
+            sft_seq_len=self.sft.seq_len if self.sft.num_steps else 0,
+            sft_seed=self.seeds.resolve(self.seed).sft,
             sft_thinking=self.sft.thinking)
 
 

@@ -108,6 +108,6 @@ def test_generated_task_scans_each_seed():
     task = tasks.get("addition", min_size=1, max_size=3)
     lengths = [n for _, n in length_check.prompt_lengths(task, TOK, (0, 1), True, 10)]
     assert len(lengths) == 20 and min(lengths) < max(lengths)  # sizes vary across problems
-    with pytest.raises(ConfigError, match="of 40 scanned prompts"):
+    with pytest.raises(ConfigError, match="of 80 scanned prompts"):
         length_check.check_task_lengths(task, TOK, seeds=(0, 1), thinking=True,
                                         max_seq_len=max(lengths), num_scanned=20)

@@ -23,9 +23,10 @@ def test_eval_records_are_held_out_rows_of_a_file_task(experiment_file):
     assert held_out.isdisjoint(train_prompts)
 
 
-def test_eval_set_is_the_same_for_every_run_seed_and_disjoint_from_training():
-    cfg_a = _quickstart_config()
-    cfg_b = experiment.from_config_dict({**_quickstart_config_dict(), "seed": 1})
+def test_eval_set_is_the_same_for_every_run_seed_and_disjoint_from_training(experiment_file):
+    smoke = experiment_file("quickstart").get_config("smoke").to_dict()
+    cfg_a = experiment.from_config_dict(smoke)
+    cfg_b = experiment.from_config_dict({**smoke, "seed": 1})
     task = tasks.get(cfg_a.task.name, **dict(cfg_a.task.kwargs))
     tokenizer = get_tokenizer(cfg_a.task.tokenizer)
     records_a = rl_loop._eval_records(cfg_a, task, tokenizer)
@@ -33,11 +34,3 @@ def test_eval_set_is_the_same_for_every_run_seed_and_disjoint_from_training():
     assert [r["prompt_text"] for r in records_a] == [r["prompt_text"] for r in records_b]
     training = {task.sample(i, s).prompt for s in (0, 1) for i in range(2000)}
     assert training.isdisjoint(r["prompt_text"] for r in records_a)
-
-
-def _quickstart_config_dict():
-    spec = importlib.util.spec_from_file_location(
-        "_quickstart", os.path.join(ROOT, "experiments", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke").to_dict()

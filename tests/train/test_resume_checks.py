@@ -1,6 +1,5 @@
 """What `rl_loop.run` checks before it builds anything on a rerun: a finished run returns at
 once; a config that changes the checkpoints' meaning is refused without touching the workdir."""
-import importlib.util
 import json
 import os
 import time
@@ -10,24 +9,23 @@ import pytest
 from ring_jax.config import ConfigError
 from ring_jax.train import config_history, experiment, rl_loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _smoke_config(**rl):
-    spec = importlib.util.spec_from_file_location(
-        "_quickstart", os.path.join(ROOT, "experiments", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cd = module.get_config("smoke")
-    cd.rl.update(rl)
-    return experiment.from_config_dict(cd)
 
 
 @pytest.fixture
-def finished_run(tmp_path):
+def smoke_config(experiment_file):
+    """The quickstart's smoke config, derived as the run records it (`experiment.derive`)."""
+    def make(**rl):
+        cd = experiment_file("quickstart").get_config("smoke")
+        cd.rl.update(rl)
+        return experiment.derive(experiment.from_config_dict(cd))
+    return make
+
+
+@pytest.fixture
+def finished_run(tmp_path, smoke_config):
     """A workdir as a finished 3-step run leaves it (the checkpoint directories are empty:
     the rerun must not even open them)."""
-    cfg = _smoke_config()
+    cfg = smoke_config()
     for step in (2, 3):
         (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
     config_history.record(str(tmp_path), experiment.to_dict(cfg))
@@ -46,10 +44,10 @@ def test_rerun_of_finished_run_says_so_at_once(finished_run, capsys):
     assert f"{workdir}: already finished at step 3 (rl.num_steps=3)" in capsys.readouterr().out
 
 
-def test_rerun_with_a_state_change_is_refused_before_anything(finished_run):
+def test_rerun_with_a_state_change_is_refused_before_anything(finished_run, smoke_config):
     cfg, workdir = finished_run
     before = {n: os.path.getmtime(workdir / n) for n in os.listdir(workdir)}
-    changed = _smoke_config(num_minibatches=2)
+    changed = smoke_config(num_minibatches=2)
     import dataclasses
     changed = dataclasses.replace(changed, model=dataclasses.replace(changed.model,
                                                                      num_experts_per_tok=1))
