@@ -99,7 +99,7 @@ def _check_invariants(case, record_events=True):
     purged_ids = set(sched.purged_request_ids)
     assert len(purged_ids) == len(sched.purged_request_ids)
     assert not trained_ids & purged_ids
-    created = {f"g{g}-s{i}" for g in range(sched._next_group_id) for i in range(G)}
+    created = {f"g{g}-s{i}" for g in range(sched.state.next_group_id) for i in range(G)}
     assert trained_ids | purged_ids == created
     # Without purges every prompt is trained once (nothing is silently dropped).
     if not purged_ids:
