@@ -152,7 +152,7 @@ def check_params(mode: str, policy_params: tuple[tuple[str, Any], ...]) -> None:
         kind = (int, float) if isinstance(default, float) else type(default)
         if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, kind):
             config_lib.fail(f"policy_params.{key}", value,
-                            f"must be a {type(default).__name__} (policy {mode!r})")
+                            f"must be of type {type(default).__name__} (policy {mode!r})")
 
 
 # ------------------------------------------------------------------------------------ built-ins

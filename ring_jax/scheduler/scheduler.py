@@ -106,6 +106,7 @@ class Scheduler:
         self._producer = Producer(self) if self.policy.background else None
         self._assembled: collections.deque[tuple[list[Group], dict[str, np.ndarray]]] = (
             collections.deque())  # batches the producer built ahead
+        self._prefetch_batches = config.prefetch_batches if self.policy.background else 0
         self._error: BaseException | None = None
         self.closed = False
         self._last_return: float | None = None
@@ -178,7 +179,7 @@ class Scheduler:
             if prefetch and not self.policy.background:
                 raise ValueError(f"prefetch={prefetch}: policy {self.config.mode!r} generates "
                                  "on the trainer's thread, so nothing can be built ahead")
-            self.config = dataclasses.replace(self.config, prefetch_batches=prefetch)
+            self._prefetch_batches = prefetch
         return batching.ScheduledBatchDataset(self)
 
     def pop_metrics(self) -> dict[str, float]:
@@ -287,7 +288,7 @@ class Scheduler:
         """Producer: builds up to ``prefetch_batches`` full batches from the ready queue."""
         need = self.config.prompts_per_batch
         ready = self.state.ready
-        while len(self._assembled) < self.config.prefetch_batches and len(ready) >= need:
+        while len(self._assembled) < self._prefetch_batches and len(ready) >= need:
             groups = [ready.popleft() for _ in range(need)]
             self._assembled.append((groups, batching.build_batch(groups, self.config)))
 
