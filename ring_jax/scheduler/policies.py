@@ -91,8 +91,9 @@ class SchedulingPolicy:
         purge_policy` decides whether their prompts are queued again)."""
         return []
 
-    def num_refill_groups(self, num_in_flight: int, tokens_spent: int) -> int:
-        """Groups to admit after a chunked engine step, while the iteration runs."""
+    def num_refill_groups(self, view: View, num_in_flight: int, tokens_spent: int) -> int:
+        """Groups to admit after a chunked engine step, while the iteration runs (``view`` is
+        the one taken at this iteration's boundary)."""
         return 0
 
 
@@ -189,7 +190,7 @@ class C3PO(SchedulingPolicy):
     def num_new_groups(self, view: View) -> int:
         return (self.config.max_active_requests - view.num_buffered) // self.config.group_size
 
-    def num_refill_groups(self, num_in_flight: int, tokens_spent: int) -> int:
+    def num_refill_groups(self, view: View, num_in_flight: int, tokens_spent: int) -> int:
         if tokens_spent >= self.config.token_budget:
             return 0
         return (self.config.max_active_requests - num_in_flight) // self.config.group_size

@@ -87,12 +87,13 @@ class Rollouts:
         with self._cond:
             if install_weights:
                 self._install_weights()
-            requests, budget = self._prepare()
+            requests, view = self._prepare()
+            budget = self.policy.token_budget(view)
         if not requests:
             return False
         engine_stats = getattr(self.engine, "pop_stats", lambda: {})
         engine_stats()  # drop work done outside rollouts (an evaluation on the same engine)
-        spent, busy, scoring, unfinished = self._generate(requests, budget)
+        spent, busy, scoring, unfinished = self._generate(requests, view, budget)
         engine_work = engine_stats()
         rewards = np.asarray([float(f.result()[0]) for _, f in scoring], np.float32)
         infos = [f.result()[1] for _, f in scoring]
@@ -139,8 +140,8 @@ class Rollouts:
         return View(version=int(self.engine.version), num_buffered=len(self.state.buffer),
                     oldest_versions={gid: v for gid, v in oldest.items() if v is not None})
 
-    def _prepare(self) -> tuple[list[Request], int | None]:
-        """Steps 2–3: purge, then the requests to run; and the token budget."""
+    def _prepare(self) -> tuple[list[Request], View]:
+        """Steps 2–3: purge, then the requests to run; and the view the policy saw."""
         s = self.state
         for group_id in self.policy.groups_to_purge(self._view()):
             self.purge_group(s.groups[group_id], "stale")
@@ -159,7 +160,7 @@ class Rollouts:
         s.totals["resumed_responses"] += len(s.buffer)
         self._metrics.add("sched/responses_resumed", len(s.buffer))
         s.buffer = []
-        return requests, self.policy.token_budget(view)
+        return requests, view
 
     def _admit(self, num_groups: int) -> list[Request]:
         """Opens up to ``num_groups`` new groups (re-queued prompts first); their requests."""
@@ -209,7 +210,7 @@ class Rollouts:
         return Group(group_id=group_id, record=record, retries=retries, members=members,
                      rewards=[None] * cfg.group_size, cuts=[0] * cfg.group_size)
 
-    def _generate(self, requests: list[Request], budget: int | None):
+    def _generate(self, requests: list[Request], view: View, budget: int | None):
         """Steps 4–5: runs the engine, sending finished responses to the reward pool."""
         chunk = self.config.step_chunk_tokens
         self.engine.add(requests)
@@ -233,7 +234,7 @@ class Rollouts:
             # New prompts may fill the capacity that finished responses free up, so the slots
             # stay busy for the whole budget (only between chunked step calls).
             with self._cond:
-                new = self._admit(self.policy.num_refill_groups(in_flight, spent))
+                new = self._admit(self.policy.num_refill_groups(view, in_flight, spent))
             if new:
                 self.engine.add(new)
                 in_flight += len(new)

@@ -111,26 +111,17 @@ class Scheduler:
         self.closed = False
         self._last_return: float | None = None
 
-    @property
-    def state(self) -> state_lib.SchedulerState:
-        """The live checkpointable state (read and changed with ``cond`` held)."""
-        return self._rollouts.state
-
-    @property
-    def purged_request_ids(self) -> list[str]:
-        """Ids of every response purged since construction (diagnostics, tests)."""
-        return self._rollouts.purged_request_ids
-
-    def rollout_iteration(self) -> bool:
-        """One rollout iteration (`Rollouts.run_iteration`); False when nothing was left."""
-        return self._rollouts.run_iteration(install_weights=self._producer is None)
-
     # ---------------------------------------------------------------- public API
 
     @property
     def version(self) -> int:
         """The newest policy version the trainer published."""
         return self.state.version
+
+    @property
+    def purged_request_ids(self) -> list[str]:
+        """Ids of every response purged since construction (diagnostics, tests)."""
+        return self._rollouts.purged_request_ids
 
     def update_weights(self, params: Any, version: int) -> None:
         """Publishes the trainer's new weights; the engine installs them at the next iteration
@@ -250,6 +241,25 @@ class Scheduler:
                                      "this prompt iterator has no set_state()")
                 set_state(self.state.prompt_iterator)
 
+    # ---------------------------------------------------------------- for the producer
+
+    @property
+    def state(self) -> state_lib.SchedulerState:
+        """The live checkpointable state (read and changed with ``cond`` held)."""
+        return self._rollouts.state
+
+    def rollout_iteration(self) -> bool:
+        """One rollout iteration (`Rollouts.run_iteration`); False when nothing was left."""
+        return self._rollouts.run_iteration(install_weights=self._producer is None)
+
+    def assemble_ahead(self) -> None:
+        """Builds up to ``prefetch_batches`` full batches from the ready queue (``cond`` held)."""
+        need = self.config.prompts_per_batch
+        ready = self.state.ready
+        while len(self._assembled) < self._prefetch_batches and len(ready) >= need:
+            groups = [ready.popleft() for _ in range(need)]
+            self._assembled.append((groups, batching.build_batch(groups, self.config)))
+
     # ---------------------------------------------------------------- batches
 
     def _take_batch(self) -> tuple[list[Group], dict[str, np.ndarray]]:
@@ -283,14 +293,6 @@ class Scheduler:
                 self.cond.wait(POLL_S)
             else:
                 self.rollout_iteration()
-
-    def assemble_ahead(self) -> None:
-        """Producer: builds up to ``prefetch_batches`` full batches from the ready queue."""
-        need = self.config.prompts_per_batch
-        ready = self.state.ready
-        while len(self._assembled) < self._prefetch_batches and len(ready) >= need:
-            groups = [ready.popleft() for _ in range(need)]
-            self._assembled.append((groups, batching.build_batch(groups, self.config)))
 
     def _rollouts_done(self) -> bool:
         if self._producer is not None:
