@@ -1,9 +1,11 @@
 """The producer thread of background policies (async): rollouts ahead of the trainer.
 
-Batch n (0-based, counted from construction or from the restored state) is generated with the
-weights of version v0 + max(0, n - k), k = the policy's `max_version_lag()`: the thread waits
-until the trainer has published that version (`Scheduler.update_weights` → `publish`), installs
-it at the iteration boundary and runs one iteration. Decisions are gated on version counts,
+Batch n (0-based, counted from construction) is generated with the weights of version
+v0 + max(0, n - k), k = the policy's `max_version_lag()`: before each iteration the thread
+counts the full batches its complete groups already make (n), waits until the trainer has
+published that version (`Scheduler.update_weights` → `publish`), installs it at the iteration
+boundary and runs one iteration. For async one iteration makes one batch; a policy whose
+batches take several iterations (a token budget) is paced the same way, by batches. Decisions are gated on version counts,
 never on clocks, so the schedule is the same whichever side is slower; the ready queue stays
 bounded (≤ k + 1 batches ahead). After each iteration it assembles up to
 ``SchedulerConfig.prefetch_batches`` complete batches ahead of the trainer
@@ -64,7 +66,8 @@ class Producer:
     def _required_version(self) -> int:
         state = self._sched.state
         lag = self._sched.policy.max_version_lag()
-        return state.initial_version + max(0, state.batches_generated - lag)
+        batches_made = state.groups_completed // self._sched.config.prompts_per_batch
+        return state.initial_version + max(0, batches_made - lag)
 
     def _next_weights(self) -> tuple[Any, int] | None:
         """Waits for the weights batch n needs; those to install (None: the engine has them),
@@ -90,8 +93,8 @@ class Producer:
             while True:
                 with self._cond:
                     state = sched.state
-                    if state.source_exhausted and not state.requeue:
-                        return
+                    if state.source_exhausted and not state.requeue and not state.groups:
+                        return  # nothing left to admit or to finish
                     load = self._next_weights()
                 if load is not None:
                     sched.engine.load_weights(*load)
@@ -99,7 +102,6 @@ class Producer:
                 with self._cond:
                     if not produced and not sched.state.groups:
                         return
-                    sched.state.batches_generated += 1
                     sched.assemble_ahead()
                     self._cond.notify_all()
         except StopIteration:

@@ -261,4 +261,5 @@ class Rollouts:
             group.advantages = advantages
             del s.groups[group.group_id]
             s.ready.append(group)
+        s.groups_completed += len(completed)
         return completed

@@ -22,7 +22,7 @@ import numpy as np
 
 from ring_jax.scheduler.groups import Group
 
-FORMAT = 1  # bump when a field's meaning changes; `from_tree` refuses other formats
+FORMAT = 2  # 2: groups_completed replaces batches_generated; bump when a field's meaning changes; `from_tree` refuses other formats
 
 _ARRAY = "__ndarray__"
 _TUPLE = "__tuple__"
@@ -108,7 +108,7 @@ class SchedulerState:
     initial_version: int = 0  # version at construction (async: batch n uses v0 + n - k)
     iteration: int = 0  # rollout iterations run
     next_group_id: int = 0
-    batches_generated: int = 0  # background policies: rollout iterations finished
+    groups_completed: int = 0  # groups that reached the ready queue (paces the producer)
     batches_emitted: int = 0  # batches handed to the trainer
     source_exhausted: bool = False
     # (prompt record, retries) of purged prompts waiting to be admitted again

@@ -28,6 +28,13 @@ class Trickle(SchedulingPolicy):
         return 0 if view.num_buffered else self.params["groups_per_iteration"]
 
 
+@register_policy("test_trickle_background")
+class BackgroundTrickle(Trickle):
+    """The same answers, run on the producer thread ahead of the trainer."""
+
+    background = True
+
+
 def _config(**kw):
     base = dict(mode="test_trickle", group_size=2, batch_size=4, max_seq_len=40,
                 sampling=SamplingParams(max_new_tokens=20), step_chunk_tokens=2,
@@ -67,8 +74,20 @@ def test_registered_toy_policy_runs_through_the_fake_engine():
     assert sched.pop_metrics()["sched/total/carried_responses"] > 0
 
 
-def test_same_config_same_schedule():
-    config = _config()
+def test_background_toy_policy_finishes_carried_work_at_the_end():
+    """On the producer thread too, with a token budget: responses still carried when the
+    prompts run out are finished, not dropped."""
+    batches, _, sched = _run(_config(mode="test_trickle_background"), updates_per_batch=1)
+    assert not sched.purged_request_ids
+    trained = sorted((int(g), int(i)) for b in batches
+                     for g, i in zip(b["group_ids_B"], b["sample_index_B"]) if g >= 0)
+    assert trained == [(g, i) for g in range(6) for i in range(2)]
+    assert sched.pop_metrics()["sched/total/carried_responses"] > 0
+
+
+@pytest.mark.parametrize("mode", ["test_trickle", "test_trickle_background"])
+def test_same_config_same_schedule(mode):
+    config = _config(mode=mode)
     first, _, _ = _run(config)
     second, _, _ = _run(config)
     assert len(first) == len(second)
