@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import grain
-import grain.experimental as grain_experimental
 import numpy as np
 
 from ring_jax.scheduler.config import SchedulerConfig
@@ -72,55 +71,47 @@ def build_batch(groups: Sequence[Group], config: SchedulerConfig) -> dict[str, n
 class _BatchIterator(grain.DatasetIterator):
     """Pulls batches from the scheduler; sticky StopIteration once it is exhausted or closed.
 
-    Its grain state is only a count: the scheduler's own `state_dict()` is the checkpoint.
+    Its grain state is the scheduler's checkpoint (`Scheduler.state_dict`): restoring it with
+    `set_state` on a fresh scheduler's iterator continues with exactly the next batch.
     """
 
     def __init__(self, scheduler: Any):
         super().__init__()
         self._scheduler = scheduler
-        self._num_batches = 0
         self._done = False
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._done:
             raise StopIteration
         try:
-            batch = self._scheduler.next_batch()
+            return self._scheduler.next_batch()
         except StopIteration:
             self._done = True
             raise
-        self._num_batches += 1
-        return batch
 
-    def get_state(self) -> dict[str, Any]:
-        return {"num_batches": self._num_batches}
+    def get_state(self) -> dict[str, np.ndarray]:
+        return self._scheduler.state_dict()
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._num_batches = int(state["num_batches"])
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self._scheduler.load_state_dict(state)
 
 
 class ScheduledBatchDataset(grain.IterDataset):
     """A grain IterDataset over the scheduler's queue of complete groups, emitting fixed-shape
-    batches (`build_batch`)."""
+    batches (`build_batch`).
+
+    Prefetch: a background policy (async) assembles up to ``prefetch_batches`` batches ahead
+    on its producer thread, and `Scheduler.state_dict` saves them as the ready groups they were
+    made of, so the iterator state stays an exact cut. grain's own `ThreadPrefetchIterDataset`
+    is not used: its state is the parent's state when an element was *produced*, which here
+    would be a scheduler cut taken against weights the trainer has not yet published (not
+    resumable exactly); and under a foreground policy (sync, c3po) a prefetch thread would run
+    the next rollout iteration before the new weights arrive.
+    """
 
     def __init__(self, scheduler: Any):
         super().__init__()
         self._scheduler = scheduler
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> _BatchIterator:
         return _BatchIterator(self._scheduler)
-
-
-def make_dataset(scheduler: Any, prefetch: int = 0) -> grain.IterDataset:
-    """The scheduler as a grain dataset; ``prefetch > 0`` builds batches ahead on a thread.
-
-    Prefetch only helps in ``async`` mode (batch assembly then overlaps the trainer). In
-    ``sync``/``c3po`` it would run the next rollout iteration on the prefetch thread, before the
-    new weights arrive, and the batches it holds are not in the scheduler's checkpoint — keep it
-    at 0 there.
-    """
-    dataset = ScheduledBatchDataset(scheduler)
-    if prefetch > 0:
-        dataset = grain_experimental.ThreadPrefetchIterDataset(
-            dataset, prefetch_buffer_size=prefetch)
-    return dataset

@@ -1,7 +1,8 @@
 """`SchedulerConfig`: how rollouts are scheduled between the engine, the reward workers and the
 trainer (PAPER §2, C3PO++).
 
-Three modes:
+``mode`` names a registered scheduling policy (`policies.py`; a forker's own policy by its
+registered name or ``"package.module:ClassName"``). The built-in ones:
   * ``sync``  — the baseline: each iteration admits ``batch_size // group_size`` prompts, runs
     every response to completion, scores them, and yields exactly one training batch.
   * ``c3po``  — C3PO++: each iteration spends a budget Φ = ``token_budget`` of new tokens;
@@ -12,16 +13,18 @@ Three modes:
   * ``async`` — k-step off-policy overlap: a background thread generates batch n (run to
     completion, as ``sync``) with the weights of version ``v0 + n - max_staleness`` while the
     trainer trains batch n - 1; the trainer never sees a token more than ``max_staleness``
-    versions old.
+    versions old. Up to ``prefetch_batches`` batches are assembled ahead on that thread.
+A policy's own settings go in ``policy_params`` (validated against what the policy declares).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ring_jax import config as config_lib
 from ring_jax.rollout.types import SamplingParams
+from ring_jax.scheduler import policies
 
-MODES = ("sync", "c3po", "async")
 PURGE_POLICIES = ("drop_group", "requeue_prompt")
 
 
@@ -35,7 +38,8 @@ class SchedulerConfig:
     σ_max a hard staleness bound however many iterations a train step needs.
     """
 
-    mode: str = "c3po"
+    mode: str = "c3po"  # a registered policy (`policies.names()`) or "package.module:Class"
+    policy_params: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs of the policy's params
     group_size: int = 8  # G: responses per prompt; a group trains only when all G are scored
     batch_size: int = 64  # B rows (one response each) per training batch; a multiple of G
     max_seq_len: int = 1024  # T: prompt + response fit in one row
@@ -48,6 +52,9 @@ class SchedulerConfig:
     max_active_requests: int = 256  # c3po: buffered + newly admitted requests per iteration
     # async
     max_staleness: int = 1  # k: batch n is generated with weights v0 + n - k
+    # background policies (async): complete batches the producer assembles ahead of the
+    # trainer; policies that generate on the trainer's thread (sync, c3po) assemble none ahead.
+    prefetch_batches: int = 1
     # Engine.step is called in chunks of this many tokens so finished responses go to the reward
     # workers while the engine keeps generating, and (c3po) new prompts refill the capacity
     # they free (0: one step call per iteration).
@@ -58,7 +65,7 @@ class SchedulerConfig:
     expert_ids_shape: tuple[int, int] | None = None
 
     def __post_init__(self):
-        config_lib.check_one_of("mode", self.mode, MODES)
+        policies.check_params(self.mode, self.policy_params)  # also checks the mode's name
         config_lib.check_int("group_size", self.group_size, min_value=1)
         config_lib.check_int("batch_size", self.batch_size, min_value=1)
         config_lib.check(self.batch_size % self.group_size == 0, "batch_size", self.batch_size,
@@ -74,6 +81,7 @@ class SchedulerConfig:
         config_lib.check_int("max_active_requests", self.max_active_requests,
                              min_value=self.group_size)
         config_lib.check_int("max_staleness", self.max_staleness, min_value=1)
+        config_lib.check_int("prefetch_batches", self.prefetch_batches, min_value=0)
         config_lib.check_int("step_chunk_tokens", self.step_chunk_tokens, min_value=0)
         config_lib.check_int("num_reward_workers", self.num_reward_workers, min_value=1)
         config_lib.check_int("seed", self.seed, min_value=0)
@@ -88,7 +96,11 @@ class SchedulerConfig:
     def prompts_per_batch(self) -> int:
         return self.batch_size // self.group_size
 
+    def make_policy(self) -> policies.SchedulingPolicy:
+        """The `policies.SchedulingPolicy` named by ``mode``, configured by this config."""
+        return policies.get_policy_class(self.mode)(self)
+
     @property
     def max_version_lag(self) -> int:
         """Most versions a trained token may lag the trainer's weights, by construction."""
-        return {"sync": 0, "c3po": self.sigma_max, "async": self.max_staleness}[self.mode]
+        return self.make_policy().max_version_lag()

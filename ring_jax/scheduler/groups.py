@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ring_jax.rollout.types import Request
-from ring_jax.scheduler import state as state_lib
+from ring_jax.rollout.types import Request, SamplingParams
 
 
 @dataclasses.dataclass
@@ -41,7 +40,7 @@ class Group:
     def to_tree(self) -> dict[str, Any]:
         return {
             "group_id": self.group_id, "record": self.record, "retries": self.retries,
-            "members": [state_lib.request_to_tree(r) for r in self.members],
+            "members": [request_to_tree(r) for r in self.members],
             "rewards": list(self.rewards), "cuts": list(self.cuts),
             "advantages": self.advantages,
         }
@@ -49,6 +48,32 @@ class Group:
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Group:
         return cls(group_id=tree["group_id"], record=tree["record"], retries=tree["retries"],
-                   members=[state_lib.request_from_tree(m) for m in tree["members"]],
+                   members=[request_from_tree(m) for m in tree["members"]],
                    rewards=list(tree["rewards"]), cuts=list(tree["cuts"]),
                    advantages=tree["advantages"])
+
+
+def request_to_tree(request: Request) -> dict[str, Any]:
+    return {
+        "request_id": request.request_id,
+        "prompt_tokens": np.asarray(request.prompt_tokens, np.int32),
+        "sampling": dataclasses.asdict(request.sampling),
+        "seed": int(request.seed),
+        "tokens": np.asarray(request.tokens, np.int32),
+        "logprobs": np.asarray(request.logprobs, np.float32),
+        "versions": np.asarray(request.versions, np.int32),
+        "expert_ids": (None if request.expert_ids is None
+                       else np.asarray(request.expert_ids, np.int32)),
+        "finish_reason": request.finish_reason,
+        "metadata": dict(request.metadata),
+    }
+
+
+def request_from_tree(tree: dict[str, Any]) -> Request:
+    sampling = dict(tree["sampling"])
+    sampling["stop_token_ids"] = tuple(sampling["stop_token_ids"])
+    return Request(
+        request_id=tree["request_id"], prompt_tokens=tree["prompt_tokens"],
+        sampling=SamplingParams(**sampling), seed=tree["seed"], tokens=tree["tokens"],
+        logprobs=tree["logprobs"], versions=tree["versions"], expert_ids=tree["expert_ids"],
+        finish_reason=tree["finish_reason"], metadata=dict(tree["metadata"]))

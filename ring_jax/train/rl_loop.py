@@ -9,7 +9,8 @@ One controller (this Python process; one per host in a multi-host run) drives SP
              including unfinished rollouts and the prompt-iterator position), else initialise
              from the SFT stage / ``init_from`` (an SFT or RL workdir, or a local HF checkpoint
              directory) / scratch
-  loop       rollout → reward (the scheduler: engine + reward workers, complete groups only)
+  loop       rollout → reward (the scheduler: engine + reward workers, complete groups only,
+             read as a grain dataset whose iterator state is the scheduler's checkpoint)
              → train (recompute log π_train(θ_old), minibatched policy-loss updates, router bias)
              → weight sync (published to the scheduler; the engine installs it at the next
                iteration boundary) → evaluation → metrics → checkpoint
@@ -17,6 +18,7 @@ One controller (this Python process; one per host in a multi-host run) drives SP
 Every policy version v is the number of RL steps taken; the engine stamps each token with it.
 Resuming a killed run continues exactly as if it had not stopped (CPU): the scheduler's state is
 restored at the same iteration boundary and every sampling seed is a function of that state.
+Arrays cross between the training mesh, the engine and the host in `train/multihost.py`.
 """
 from __future__ import annotations
 
@@ -38,9 +40,9 @@ from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine
 from ring_jax.scheduler import Scheduler
 from ring_jax.train import checkpoint as checkpoint_lib
-from ring_jax.train import config_history, distributed, evaluate, experiment, health, optim
+from ring_jax.train import config_history, distributed, evaluate, experiment, health
 from ring_jax.train import init_from as init_from_lib
-from ring_jax.train import preemption, rl_step, sft
+from ring_jax.train import multihost, optim, preemption, rl_step, sft
 from ring_jax.train import metrics as metrics_lib
 
 CONSOLE_FIELDS = {"reward": "rl/reward_mean", "eval": "eval/pass@1",
@@ -51,39 +53,6 @@ CONSOLE_FIELDS = {"reward": "rl/reward_mean", "eval": "eval/pass@1",
 def _eval_records(cfg: experiment.ExperimentConfig, task, tokenizer) -> list[dict[str, Any]]:
     """The fixed held-out evaluation set (`evaluate.eval_records`): the same for every seed."""
     return evaluate.eval_records(task, tokenizer, cfg.eval.num_prompts, cfg.task.thinking)
-
-
-def _engine_mesh(mesh):
-    """The engine's devices. One process: the training mesh (co-located, PAPER §3 hybrid
-    runtime). Several processes: each process's local devices — every host runs the same engine
-    on the same inputs (the scheduler's decisions are functions of shared state), so all hosts
-    hold identical rollouts and the engine never reads arrays another host owns."""
-    if jax.process_count() == 1:
-        return mesh
-    return sharding.make_mesh(data=jax.local_device_count(), devices=jax.local_devices())
-
-
-def _to_engine(variables):
-    """Trainer variables as the engine takes them: unchanged on one process; gathered to host
-    (one full copy per process) when the training mesh spans processes."""
-    if jax.process_count() == 1:
-        return variables
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(variables, tiled=True)
-
-
-def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """The host batch (identical on every process) as global arrays split over the batch axes."""
-    out = {}
-    for k, v in batch.items():
-        sharding_v = sharding.batch_sharding(mesh, v.shape[0], v.ndim)
-        out[k] = jax.make_array_from_callback(v.shape, sharding_v, lambda idx, v=v: v[idx])
-    return out
-
-
-def _to_host(tree):
-    """Replicated (scalar) outputs of the train step as numpy, on every process."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def policy_source(cfg, workdir: str) -> str:
@@ -163,9 +132,9 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
         restored = ckpt.restore(state)
         state, start, sched_state = restored.state, restored.step, restored.arrays
 
-    variables = _to_engine({"params": state["params"], "router": state["router"]})
+    variables = multihost.to_engine({"params": state["params"], "router": state["router"]})
     engine_kw = dict(precision=cfg.precision, version=start, moe_impl=cfg.engine_moe_impl,
-                     mesh=_engine_mesh(mesh), detokenize=tokenizer.decode)
+                     mesh=multihost.engine_mesh(mesh), detokenize=tokenizer.decode)
     engine = Engine.from_model(cfg.model, variables, cfg.engine, **engine_kw)
     # Between scheduler iterations the engine is idle (sync, c3po: unfinished responses wait in
     # the scheduler's buffer), so evaluation reuses it and its compiled programs; in async mode
@@ -191,8 +160,10 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
         reward_fn=lambda record, request: reward_fn(record, request.tokens,
                                                     request.finish_reason),
         advantage_fn=advantage_fn)
+    # Rollouts reach the trainer through grain; the iterator's state is the scheduler's cut.
+    batches = iter(scheduler.as_dataset())
     if sched_state is not None:
-        scheduler.load_state_dict(sched_state)
+        batches.set_state(sched_state)
         scheduler.update_weights(variables, start)
     eval_records = _eval_records(cfg, task, tokenizer)
 
@@ -233,15 +204,16 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
         for step in range(start + 1, cfg.rl.num_steps + 1):
             t0 = time.perf_counter()
             # Rollout + reward: complete, scored groups of the newest allowed policy versions.
-            batch = scheduler.next_batch()
+            batch = next(batches)
             t_rollout = time.perf_counter()
             # Train: θ_old log-probs, minibatched policy-loss updates, router-bias update.
             with sharding.use_mesh(mesh):
-                state, train_metrics = train_step(state, _to_global(batch, mesh))
-            train_metrics = _to_host(train_metrics)
+                state, train_metrics = train_step(state, multihost.to_global(batch, mesh))
+            train_metrics = multihost.to_host(train_metrics)
             t_train = time.perf_counter()
             # Weight sync: the scheduler installs version `step` at its next iteration boundary.
-            variables = _to_engine({"params": state["params"], "router": state["router"]})
+            variables = multihost.to_engine({"params": state["params"],
+                                             "router": state["router"]})
             scheduler.update_weights(variables, step)
 
             metrics = {k: float(v) for k, v in train_metrics.items()}
@@ -261,7 +233,7 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
             guard.check(step, metrics["train/loss"], state["params"])  # raises before saving
             preempted = stop.should_stop()   # SIGTERM: save this step, then exit
             if ckpt.due(step) or is_last or preempted:
-                ckpt.save(step, state=state, arrays=scheduler.state_dict(),
+                ckpt.save(step, state=state, arrays=batches.get_state(),
                           meta={"stage": "rl", "version": step},
                           metrics=({k: v for k, v in metrics.items() if k.startswith("eval/")}
                                    if cfg.checkpoint.best_metric else None))

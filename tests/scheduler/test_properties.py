@@ -5,6 +5,7 @@ every response is trained exactly once or accounted as purged; a c3po iteration 
 than Φ + num_slots tokens; no trained token lags the trainer by more than the mode's bound
 (sync 0, c3po σ_max, async k); groups reach training complete and with their own advantages;
 every recorded token is what the engine produced; and the same seed gives the same schedule.
+The same invariants are checked for every registered policy.
 """
 import random
 import time
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from ring_jax.rollout.types import SamplingParams
 from ring_jax.scheduler import Scheduler, SchedulerConfig, derive_seed
-from ring_jax.scheduler import testing
+from ring_jax.scheduler import policies, testing
 
 VOCAB = 1000
 
@@ -99,7 +100,7 @@ def _check_invariants(case, record_events=True):
     purged_ids = set(sched.purged_request_ids)
     assert len(purged_ids) == len(sched.purged_request_ids)
     assert not trained_ids & purged_ids
-    created = {f"g{g}-s{i}" for g in range(sched._next_group_id) for i in range(G)}
+    created = {f"g{g}-s{i}" for g in range(sched.state.next_group_id) for i in range(G)}
     assert trained_ids | purged_ids == created
     # Without purges every prompt is trained once (nothing is silently dropped).
     if not purged_ids:
@@ -187,6 +188,16 @@ def test_async_invariants_and_determinism(case):
     # Same schedule whether the trainer or the producer is the slower side.
     _assert_same_batches(first, _run(case, step_delay_s=0.004)[0])
     _assert_same_batches(first, _run(case, decode_step_s=0.0005)[0])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.deferred(lambda: st.sampled_from(policies.names())).flatmap(schedules))
+def test_every_registered_policy_keeps_the_invariants(case):
+    """The contract for any policy in the registry (a fork's too, once its module is imported):
+    nothing lost or duplicated, staleness within its `max_version_lag`, same seed same schedule."""
+    event(f"mode: {case['config'].mode}")
+    first = _check_invariants(case, record_events=False)
+    _assert_same_batches(first, _run(case, reward_fn=_jittery_reward)[0])
 
 
 def test_c3po_carries_long_responses_across_versions():

@@ -1,0 +1,210 @@
+"""Scheduling policies: what differs between sync, C3PO++ and async, behind one small protocol.
+
+The scheduler's core loop (`scheduler.py`) runs iterations — purge, admit, generate, drain,
+score, group — the same way for every policy, and asks its policy four questions:
+
+  how stale may a response be   `max_version_lag()`: most policy versions a trained token may
+                                lag the trainer's weights (groups past it never reach training)
+  purge or pace                 `groups_to_purge(view)` at each iteration boundary: groups to
+                                discard (C3PO++'s σ_max purge); a pacing policy purges nothing
+                                and keeps carried work inside the bound through admission
+  how many to admit             `num_new_groups(view)` at the iteration boundary, and
+                                `num_refill_groups(...)` after every chunked engine step (C3PO++
+                                refills the capacity finished responses free up)
+  with what token budget        `token_budget(view)`: Φ new tokens, or None (run to completion)
+
+and one structural one: ``background`` — iterations run on a producer thread that generates
+batch n with the weights of version v0 + max(0, n - max_version_lag()) (`producer.py`), instead
+of on the trainer's thread inside `next_batch`.
+
+Every answer must be a pure function of the view and the config (multi-host rule, see
+`scheduler.py`): never of clocks or thread timing.
+
+A new policy is one registered class plus config:
+
+    @register_policy("paced")
+    class Paced(SchedulingPolicy):
+        params = {"margin": 1}           # its own settings, from SchedulerConfig.policy_params
+        def max_version_lag(self): return self.config.sigma_max
+        def num_new_groups(self, view): ...
+
+selected with ``scheduler.mode="paced"`` once its module is imported, or, with no import
+anywhere, ``scheduler.mode="my_project.policies:Paced"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+from ring_jax import config as config_lib
+
+if TYPE_CHECKING:  # the config imports this module to validate ``mode``
+    from ring_jax.scheduler.config import SchedulerConfig
+
+_REGISTRY: dict[str, type[SchedulingPolicy]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What a policy sees at an iteration boundary; identical on every host.
+
+    version: the weights this iteration generates with.
+    num_buffered: unfinished responses carried over from the last iteration (resumed first).
+    oldest_versions: group id → oldest token version, for every admitted, incomplete group that
+      has generated tokens (purge candidates; a pacing policy's measure of carried work).
+    """
+    version: int
+    num_buffered: int
+    oldest_versions: Mapping[int, int]
+
+
+class SchedulingPolicy:
+    """Base class and protocol of a scheduling policy (module docstring).
+
+    ``params`` declares the policy's own settings with their defaults; their types are the
+    defaults' types (an int is accepted where the default is a float).
+    `SchedulerConfig.policy_params` overrides them and is validated when the config is built.
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[Mapping[str, Any]] = {}
+    background: ClassVar[bool] = False
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.params = {**type(self).params, **dict(config.policy_params)}
+
+    def max_version_lag(self) -> int:
+        raise NotImplementedError
+
+    def num_new_groups(self, view: View) -> int:
+        """Groups (G requests each) to admit at the iteration boundary."""
+        raise NotImplementedError
+
+    def token_budget(self, view: View) -> int | None:
+        """New tokens this iteration may spend; None runs every request to completion."""
+        return None
+
+    def groups_to_purge(self, view: View) -> list[int]:
+        """Ids of incomplete groups to discard before the iteration (`SchedulerConfig.
+        purge_policy` decides whether their prompts are queued again)."""
+        return []
+
+    def num_refill_groups(self, view: View, num_in_flight: int, tokens_spent: int) -> int:
+        """Groups to admit after a chunked engine step, while the iteration runs (``view`` is
+        the one taken at this iteration's boundary)."""
+        return 0
+
+
+def register_policy(name: str):
+    """Class decorator: registers a `SchedulingPolicy` subclass as ``SchedulerConfig.mode=name``."""
+
+    def wrap(cls: type[SchedulingPolicy]) -> type[SchedulingPolicy]:
+        if not (isinstance(cls, type) and issubclass(cls, SchedulingPolicy)):
+            raise TypeError(f"register_policy({name!r}): {cls!r} is not a SchedulingPolicy")
+        if name in _REGISTRY or ":" in name:
+            config_lib.fail("mode", name, "is already registered (or contains ':')")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def names() -> list[str]:
+    """Registered policy names."""
+    return sorted(_REGISTRY)
+
+
+def get_policy_class(mode: str) -> type[SchedulingPolicy]:
+    """The policy class of ``mode``: a registered name or ``"package.module:ClassName"``;
+    an unknown one raises `ConfigError` naming ``mode`` and the registered names."""
+    allowed = (f"must be one of {tuple(names())} or 'package.module:ClassName' of a "
+               "SchedulingPolicy")
+    if not isinstance(mode, str):
+        config_lib.fail("mode", mode, allowed)
+    if mode in _REGISTRY:
+        return _REGISTRY[mode]
+    module, sep, attr = mode.partition(":")
+    if not sep:
+        config_lib.fail("mode", mode, allowed)
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        config_lib.fail("mode", mode, f"{allowed} ({e})")
+    if not (isinstance(cls, type) and issubclass(cls, SchedulingPolicy)):
+        config_lib.fail("mode", mode, allowed)
+    return cls
+
+
+def check_params(mode: str, policy_params: tuple[tuple[str, Any], ...]) -> None:
+    """Validates ``policy_params`` against the declared ``params`` of ``mode``'s policy."""
+    declared = get_policy_class(mode).params
+    config_lib.check(isinstance(policy_params, tuple) and all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in policy_params),
+        "policy_params", policy_params, "must be (name, value) pairs")
+    for key, value in policy_params:
+        if key not in declared:
+            config_lib.fail(f"policy_params.{key}", value,
+                            f"not a parameter of policy {mode!r}; its parameters: "
+                            f"{sorted(declared)}")
+        default = declared[key]
+        kind = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, kind):
+            config_lib.fail(f"policy_params.{key}", value,
+                            f"must be of type {type(default).__name__} (policy {mode!r})")
+
+
+# ------------------------------------------------------------------------------------ built-ins
+
+
+@register_policy("sync")
+class Sync(SchedulingPolicy):
+    """The baseline: one batch worth of prompts per iteration, run to completion; on-policy."""
+
+    def max_version_lag(self) -> int:
+        return 0
+
+    def num_new_groups(self, view: View) -> int:
+        return self.config.prompts_per_batch
+
+
+@register_policy("c3po")
+class C3PO(SchedulingPolicy):
+    """C3PO++ (PAPER §2): Φ = ``token_budget`` new tokens per iteration; unfinished responses
+    are carried and resumed first; a group whose oldest token lags the current weights by more
+    than σ_max = ``sigma_max`` versions is purged; new prompts fill the capacity
+    ``max_active_requests`` left by the buffer, at the boundary and after every chunked step."""
+
+    def max_version_lag(self) -> int:
+        return self.config.sigma_max
+
+    def token_budget(self, view: View) -> int:
+        return self.config.token_budget
+
+    def groups_to_purge(self, view: View) -> list[int]:
+        return [group_id for group_id, oldest in view.oldest_versions.items()
+                if view.version - oldest > self.config.sigma_max]
+
+    def num_new_groups(self, view: View) -> int:
+        return (self.config.max_active_requests - view.num_buffered) // self.config.group_size
+
+    def num_refill_groups(self, view: View, num_in_flight: int, tokens_spent: int) -> int:
+        if tokens_spent >= self.config.token_budget:
+            return 0
+        return (self.config.max_active_requests - num_in_flight) // self.config.group_size
+
+
+@register_policy("async")
+class Async(SchedulingPolicy):
+    """k-step off-policy overlap: a producer thread runs ``sync``-style iterations, batch n with
+    the weights of version v0 + max(0, n - k), k = ``max_staleness``."""
+
+    background = True
+
+    def max_version_lag(self) -> int:
+        return self.config.max_staleness
+
+    def num_new_groups(self, view: View) -> int:
+        return self.config.prompts_per_batch
