@@ -80,6 +80,12 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def _window(metric: str, window: int) -> int:
+    """The smoothing window of `metric`: evaluations (``eval/``) are sparse, separate estimates
+    on a fixed problem set, so they are drawn as measured; per-step training metrics smooth."""
+    return 1 if metric.startswith("eval/") else window
+
+
 def _sample_std(values, axis=None):
     """Sample std over seeds (ddof=1); 0 where there is one seed (no spread to draw)."""
     values = np.asarray(values, np.float64)
@@ -94,7 +100,7 @@ def aggregate_by_step(runs: list[list[dict]], metric: str, window: int = 1):
     per_step: dict[float, list[float]] = defaultdict(list)
     for records in runs:
         x, y = series(records, metric)
-        for step, value in zip(x, smooth(y, window)):
+        for step, value in zip(x, smooth(y, _window(metric, window))):
             per_step[step].append(value)
     steps = np.asarray(sorted(per_step))
     values = [per_step[s] for s in steps]
@@ -107,7 +113,7 @@ def aggregate_by_time(runs: list[list[dict]], metric: str, window: int = 1,
                       num_points: int = 200, time_key: str = "time/elapsed_s"):
     """Seeds interpolated onto a common wall-clock grid (to the shortest run) -> mean, sample
     std."""
-    curves = [(x, smooth(y, window)) for x, y in
+    curves = [(x, smooth(y, _window(metric, window))) for x, y in
               (series(r, metric, x_key=time_key) for r in runs) if len(x)]
     if not curves:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -228,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the PNGs and summary.md")
     parser.add_argument("--metrics", default="",
                         help="comma-separated metric names (default: all with a known prefix)")
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
+    parser.add_argument("--smooth", type=int, default=1,
+                        help="moving-average window (points) of per-step metrics; eval/ "
+                        "metrics are never smoothed")
     parser.add_argument("--time_key", default="time/elapsed_s",
                         help="wall-clock axis: time/elapsed_s (whole run) or time/rl_s (RL steps)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from ring_jax.config import ConfigError
 from ring_jax.data import pipeline, tasks
 from ring_jax.data.tokenizer import get_tokenizer
 from ring_jax.model import Transformer
-from ring_jax.scheduler.scheduler import derive_seed
+from ring_jax.scheduler import derive_seed
 from ring_jax.train import derive as derive_lib
 from ring_jax.train import experiment
 from ring_jax.train.sft import SFTBatches
