@@ -149,6 +149,18 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
     return rl_train_step
 
 
+def jit_rl_train_step(model, tx: optax.GradientTransformation, rl_cfg: Any, *,
+                      donate_state: bool = False) -> Callable:
+    """The jitted train step as `rl_loop` runs it (and `ring_jax.plan` compiles it), built from
+    an ``RLConfig`` (`ring_jax.train.experiment`). ``donate_state`` lets XLA update the state's
+    buffers in place (the caller must not read the old state after the call)."""
+    step_fn = make_rl_train_step(
+        model, tx, rl_cfg.loss, num_minibatches=rl_cfg.num_minibatches,
+        router_bias_rate=rl_cfg.router_bias_rate, router_replay=rl_cfg.router_replay,
+        logprob_chunk=rl_cfg.logprob_chunk, optim_cfg=rl_cfg.optim)
+    return jax.jit(step_fn, donate_argnums=0 if donate_state else ())
+
+
 def _row_mean(values_B: jax.Array, loss_mask_BT: jax.Array) -> jax.Array:
     """Mean of a per-row value over the batch's real (non-padding) rows."""
     real_B = (loss_mask_BT.sum(-1) > 0).astype(jnp.float32)
