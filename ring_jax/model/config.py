@@ -71,6 +71,9 @@ class ModelConfig:
     # Per-block rematerialisation for the training backward pass (memory for FLOPs); the
     # parameters, their names and the forward's numerics do not change.
     remat_policy: str = "none"
+    # Attention over this many queries at a time (0: all at once). A chunk's float32 scores are
+    # [chunk, keys] instead of [T, T]; same result (`layers.attend_chunked`).
+    attention_chunk: int = 0
 
     def __post_init__(self):
         c = config_lib
@@ -123,6 +126,7 @@ class ModelConfig:
         c.check_one_of("param_dtype", self.param_dtype, DTYPES)
         c.check_one_of("dtype", self.dtype, DTYPES)
         c.check_one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
+        c.check_int("attention_chunk", self.attention_chunk, min_value=0)
 
     @property
     def is_moe(self) -> bool:

@@ -104,7 +104,8 @@ def _load_hf(path: str, model_cfg) -> dict:
     the experiment's ``model`` (dtypes and the MoE dispatch may differ)."""
     hf_cfg, variables = hf.load(path, param_dtype=model_cfg.param_dtype)
     free = ("param_dtype", "dtype", "moe_impl", "capacity_factor", "min_capacity",
-            "num_mtp_layers", "initializer_range", "remat_policy")
+            "num_mtp_layers", "initializer_range", "remat_policy",
+            "attention_chunk")
     diff = {f.name: (getattr(hf_cfg, f.name), getattr(model_cfg, f.name))
             for f in dataclasses.fields(model_cfg) if f.name not in free
             and getattr(hf_cfg, f.name) != getattr(model_cfg, f.name)}

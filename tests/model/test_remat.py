@@ -15,8 +15,8 @@ from ring_jax.model import Transformer, presets
 def setup():
     cfg = presets.get("tiny", num_mtp_layers=1)
     tokens_BT = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-    variables = Transformer(cfg).init(jax.random.key(0), tokens_BT)
-    return cfg, tokens_BT, variables
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens_BT)
+    return cfg, tokens_BT, variables, _loss_and_grads(cfg, variables, tokens_BT)
 
 
 def _loss_and_grads(cfg, variables, tokens_BT):
@@ -31,14 +31,13 @@ def _loss_and_grads(cfg, variables, tokens_BT):
     return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("save_dots", marks=pytest.mark.slow)])
 def test_remat_keeps_parameters_values_and_gradients(setup, policy):
-    cfg, tokens_BT, variables = setup
+    cfg, tokens_BT, variables, (loss, grads) = setup
     remat_cfg = dataclasses.replace(cfg, remat_policy=policy)
     shapes = jax.eval_shape(Transformer(remat_cfg).init, jax.random.key(0), tokens_BT)
     # Same names and shapes: checkpoints and HF import/export are unaffected.
     assert jax.tree.structure(shapes) == jax.tree.structure(variables)
-    loss, grads = _loss_and_grads(cfg, variables, tokens_BT)
     remat_loss, remat_grads = _loss_and_grads(remat_cfg, variables, tokens_BT)
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
