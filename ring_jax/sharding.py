@@ -41,14 +41,18 @@ LOGICAL_RULES: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("cache_len", None),
-    # parameters
+    # parameters. Rules apply in order and a mesh axis is used once per array: routed experts
+    # take `expert` first, so their `embed` dim falls back to `fsdp`, while every other weight
+    # (attention, embeddings, dense and shared MLPs, router) is split over fsdp × expert too
+    # instead of being replicated across the expert axis.
+    ("exp", "expert"),
     ("vocab", "tensor"),
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("exp", "expert"),
     ("expert_mlp", "tensor"),
     ("router_exp", None),
     ("norm", None),

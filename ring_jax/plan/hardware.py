@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -65,6 +66,9 @@ def get_topology(name: str) -> Topology:
         import libtpu  # noqa: F401  (only its presence is checked; JAX loads it)
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
+    # libtpu holds a machine-wide lock file unless told otherwise; compiling for a described
+    # slice touches no TPU, so several planners (and test processes) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
     return Topology(name, generation, num_chips, tuple(desc.devices))

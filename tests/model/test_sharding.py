@@ -31,9 +31,11 @@ def test_rules_map_expert_weights_and_tokens():
     rules = sharding.LOGICAL_RULES
     assert sharding.spec_for(("exp", "embed", "expert_mlp"), mesh, rules) == P(
         "expert", "fsdp", "tensor")
+    # Non-expert weights are split over fsdp × expert (not replicated over expert).
     assert sharding.spec_for(("embed", "heads", "head_dim"), mesh, rules) == P(
-        "fsdp", "tensor", None)
-    assert sharding.spec_for(("embed", "router_exp"), mesh, rules) == P("fsdp", None)
+        ("fsdp", "expert"), "tensor", None)
+    assert sharding.spec_for(("embed", "router_exp"), mesh, rules) == P(("fsdp", "expert"), None)
+    assert sharding.spec_for(("vocab", "embed"), mesh, rules) == P("tensor", ("fsdp", "expert"))
     assert sharding.batch_mesh_axes(mesh, 8, rules) == ("data", "fsdp", "expert")
     # A decode batch of 2 is split over the first batch axis only.
     assert sharding.batch_mesh_axes(mesh, 2, rules) == ("data",)
