@@ -12,6 +12,9 @@ Usage::
         shardings = sharding.param_shardings(mesh, sharding.param_logical_axes(model, tokens))
         params = jax.device_put(params, shardings)
         logits, aux = jax.jit(model.apply)(variables, tokens)
+
+The optimizer state takes the params' layout (`optimizer_state_shardings`); meshes over a TPU
+topology's devices may split physical torus axes when asked (`make_mesh`).
 """
 from __future__ import annotations
 

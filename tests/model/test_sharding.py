@@ -45,6 +45,22 @@ def test_rules_map_expert_weights_and_tokens():
         "expert", None, None)
 
 
+def test_optimizer_state_takes_the_params_layout():
+    import optax
+    from jax.sharding import NamedSharding
+    mesh = AbstractMesh((2, 4), ("fsdp", "expert"), axis_types=(AxisType.Auto,) * 2)
+    params = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32),
+              "experts": jax.ShapeDtypeStruct((4, 8, 2), jnp.float32)}
+    shardings = {"w": NamedSharding(mesh, P(("fsdp", "expert"), None)),
+                 "experts": NamedSharding(mesh, P("expert", "fsdp", None))}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    out = sharding.optimizer_state_shardings(tx, params, shardings, mesh)
+    adam = out[1][0]
+    # Left to XLA, jax.jit(tx.init) replicates μ and ν: a whole optimizer state per device.
+    assert adam.mu == shardings and adam.nu == shardings
+    assert adam.count.spec == P()
+
+
 if __name__ == "__main__":
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(_flat_axes().items())]
     GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n")
