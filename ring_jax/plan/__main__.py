@@ -9,7 +9,8 @@ Compiles the experiment's programs ahead of time for the TPU topology and prints
   --engine_mesh      the engine's mesh (default: the training mesh, as one process runs it);
                      it takes the topology's first devices, e.g. data=4 = one v5p host's chips
   --num_layers       compile depths N and N + 1 and extrapolate to the model's depth
-  --allow_split_physical_axes   accept mesh axes that split the physical torus
+  --allow_split_physical_axes   accept mesh axes that split the physical torus (or the
+                     config's mesh.allow_split_physical_axes)
   --headroom         fraction of HBM a program may use to count as fitting (default 0.95)
   --config.a.b=v     any config override, as for ring_jax.main
 """
@@ -59,11 +60,10 @@ def main(argv):
         topology = hardware.get_topology(_TOPOLOGY.value)
         sizes = (hardware.parse_mesh(_MESH.value) if _MESH.value
                  else cfg.mesh.resolve(len(topology.devices)))
-        train_mesh = hardware.make_mesh(topology, sizes,
-                                        allow_split_physical_axes=_SPLIT.value)
+        split = _SPLIT.value or cfg.mesh.allow_split_physical_axes
+        train_mesh = hardware.make_mesh(topology, sizes, allow_split_physical_axes=split)
         engine_mesh = train_mesh if not _ENGINE_MESH.value else hardware.make_mesh(
-            topology, hardware.parse_mesh(_ENGINE_MESH.value),
-            allow_split_physical_axes=_SPLIT.value)
+            topology, hardware.parse_mesh(_ENGINE_MESH.value), allow_split_physical_axes=split)
     except (ConfigError, ImportError) as e:
         sys.exit(f"ring_jax.plan: {e}")
     reports = plan.plan(cfg, programs.Meshes(train_mesh, engine_mesh), names,

@@ -104,23 +104,32 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes over (data, fsdp, expert, tensor); -1 on one axis takes the rest."""
+    """Device mesh sizes over (data, fsdp, expert, tensor); -1 on one axis takes the rest.
+    ``allow_split_physical_axes``: on TPU, accept axes that cut a physical torus axis
+    (`ring_jax.sharding.make_mesh`)."""
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    allow_split_physical_axes: bool = False
+
+    def _sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor")}
 
     def __post_init__(self):
-        sizes = dataclasses.asdict(self)
+        sizes = self._sizes()
         for name, size in sizes.items():
             config_lib.check(size == -1 or (isinstance(size, int) and size >= 1), name, size,
                              "must be a positive int or -1 (the remaining devices)")
         config_lib.check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
                          "at most one axis may be -1")
+        config_lib.check(isinstance(self.allow_split_physical_axes, bool),
+                         "allow_split_physical_axes", self.allow_split_physical_axes,
+                         "must be True or False")
 
     def resolve(self, num_devices: int) -> dict[str, int]:
-        sizes = dataclasses.asdict(self)
+        sizes = self._sizes()
         fixed = 1
         for size in sizes.values():
             fixed *= size if size != -1 else 1

@@ -148,7 +148,8 @@ def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         metrics_lib.write_config_json(workdir, experiment.to_dict(cfg))
-    mesh = sharding.make_mesh(**cfg.mesh.resolve(jax.device_count()))
+    mesh = sharding.make_mesh(**cfg.mesh.resolve(jax.device_count()),
+                              allow_split_physical_axes=cfg.mesh.allow_split_physical_axes)
     tokenizer = get_tokenizer(cfg.task.tokenizer)
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
     model = Transformer(cfg.model)
