@@ -88,6 +88,7 @@ class RLConfig:
 
     num_steps: int = 100
     num_minibatches: int = 1
+    num_microbatches: int = 1  # gradient slices per minibatch (memory only; same update)
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     router_bias_rate: float = 1e-3  # u of the aux-loss-free bias update (PAPER §4); 0: frozen
     router_replay: bool = False  # R3: train with the experts the engine chose
@@ -98,6 +99,7 @@ class RLConfig:
     def __post_init__(self):
         config_lib.check_int("num_steps", self.num_steps, min_value=0)
         config_lib.check_int("num_minibatches", self.num_minibatches, min_value=1)
+        config_lib.check_int("num_microbatches", self.num_microbatches, min_value=1)
         config_lib.check_float("router_bias_rate", self.router_bias_rate, min_value=0.0)
         config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
 
@@ -175,6 +177,11 @@ class ExperimentConfig:
         config_lib.check(s.batch_size % self.rl.num_minibatches == 0, "rl.num_minibatches",
                          self.rl.num_minibatches,
                          f"must divide scheduler.batch_size={s.batch_size}")
+        minibatch = s.batch_size // self.rl.num_minibatches
+        config_lib.check(minibatch % self.rl.num_microbatches == 0, "rl.num_microbatches",
+                         self.rl.num_microbatches,
+                         f"must divide the minibatch (scheduler.batch_size / rl.num_minibatches "
+                         f"= {minibatch} rows)")
         config_lib.check(not self.rl.router_replay or self.engine.record_expert_ids,
                          "rl.router_replay", self.rl.router_replay,
                          "needs engine.record_expert_ids=True (the engine records the routing)")
