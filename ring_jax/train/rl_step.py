@@ -8,6 +8,8 @@ One step consumes one scheduler batch (rows of prompt ‖ response, `ring_jax.sc
   2. ``num_minibatches`` optimizer updates, each on a slice of the rows (`jax.lax.scan`), with
      the policy loss of `ring_jax.rl.losses` (correction chosen by name: none / tis / icepop /
      kpop / ...). The minibatch loss is its loss sum over the minibatch's own denominator.
+     With ``num_microbatches`` > 1 its gradient is accumulated over row slices (less
+     activation memory, the same update: the loss is a sum over rows).
   3. The aux-loss-free router-bias update (PAPER §4) from the expert loads of step 1's forward,
      outside the gradient.
 
