@@ -36,16 +36,24 @@ def v5p_2x2x1():
     return hardware.get_topology("v5p:2x2x1")
 
 
-def test_tiny_rl_step_compiles_and_reports_memory(v5p_2x2x1):
+def test_tiny_rl_step_and_decode_compile_and_report_memory(v5p_2x2x1):
     cfg = _pod_config("tiny,batch=8,seq=64,slots=8,cache=64")
     mesh = hardware.make_mesh(v5p_2x2x1, {"fsdp": 2, "expert": 2})
-    meshes = programs.Meshes(mesh, mesh)
-    (r,) = plan.plan(cfg, meshes, ["rl_step"])
-    args = programs.PROGRAMS["rl_step"](cfg, meshes).args
-    # XLA holds at least the state's and batch's shards (TPU pads small arrays to tiles).
-    assert r.argument >= _shard_bytes(args) > 0
-    assert r.temp > 0 and r.code > 0 and r.flops > 0 and r.compile_s > 0
-    assert r.num_layers == 2 and r.fits(v5p_2x2x1.hbm_per_device)
+    # The engine on its own (smaller) mesh: the first two chips, slots split over data.
+    engine_mesh = hardware.make_mesh(v5p_2x2x1, {"data": 2})
+    meshes = programs.Meshes(mesh, engine_mesh)
+    # tests/conftest.py sets "highest" matmul precision for CPU parity; the TPU ragged_dot
+    # kernel rejects fp32 contraction of bf16 operands, so compile as a TPU run would.
+    with jax.default_matmul_precision("default"):
+        step, decode = plan.plan(cfg, meshes, ["rl_step", "decode"])
+    for r, name in ((step, "rl_step"), (decode, "decode")):
+        program = programs.PROGRAMS[name](cfg, meshes)
+        # XLA holds at least the arguments' shards (TPU pads small arrays to tiles).
+        assert r.argument >= _shard_bytes(program.args) > 0, name
+        assert r.temp > 0 and r.code > 0 and r.flops > 0 and r.compile_s > 0, name
+        assert r.num_layers == 2 and r.fits(v5p_2x2x1.hbm_per_device), name
+    assert decode.alias > 0  # the slot state is donated: updated in place
+    assert programs.PROGRAMS["decode"](cfg, meshes).mesh is engine_mesh
 
 
 def test_optimizer_state_is_sharded_like_the_params(v5p_2x2x1):
@@ -57,7 +65,7 @@ def test_optimizer_state_is_sharded_like_the_params(v5p_2x2x1):
     mu_nu = [x for p, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
              if jax.tree_util.keystr(p).endswith("['embed']")]
     assert len(mu_nu) == 2 and all(x.sharding.spec == embed for x in mu_nu)
-    assert "fsdp" in embed  # replicated moments would cost a whole copy per device
+    assert embed[1] == ("fsdp", "expert")  # replicated moments: a whole copy per device
 
 
 def test_mesh_may_split_physical_axes_only_when_asked():
@@ -74,7 +82,8 @@ def test_shallow_ling_mini_compiles_every_program():
     cfg = plan.with_depth(cfg, 2)
     topology = hardware.get_topology("v5p:2x2x2")
     mesh = hardware.make_mesh(topology, {"fsdp": 2, "expert": 4})
-    reports = plan.plan(cfg, programs.Meshes(mesh, mesh), list(programs.PROGRAMS))
+    with jax.default_matmul_precision("default"):  # as in a TPU run (see above)
+        reports = plan.plan(cfg, programs.Meshes(mesh, mesh), list(programs.PROGRAMS))
     assert [r.program for r in reports] == ["rl_step", "logprob", "prefill", "decode"]
     for r in reports:
         assert r.peak > 0 and r.flops > 0 and r.fits(topology.hbm_per_device), r
