@@ -23,6 +23,9 @@ EXTRAS = {
     # Reference implementation for parity tests (transformers' glm4_moe is the Ling 2.0 family).
     # torch==2.13.0 is the CPU wheel available locally; a looser pin would pull a CUDA build.
     "parity": ["torch==2.13.0", "transformers>=5.0,<6"],
+    # Ahead-of-time compilation for TPU topologies on any machine (`python -m ring_jax.plan`):
+    # the TPU compiler, pinned as jax[tpu]==0.10.2 pins it.
+    "tpu-aot": ["libtpu==0.0.42.*"],
     # Optional procedural task generators.
     "gym": ["reasoning-gym>=0.1.25,<0.2"],
 }

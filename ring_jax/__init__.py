@@ -2,6 +2,7 @@
 
 Layers (imports point downward only; see BUILD.md and ../shared/DESIGN.md):
 
+  plan/       ahead-of-time compile of the run's programs for a TPU topology (will it fit?)
   train/      RL and SFT loops, checkpointing, metrics
   scheduler/  C3PO++ / sync / async rollout schedulers (host-side)
   rollout/    inference engine: KV cache, continuous batching, sampling, weight sync

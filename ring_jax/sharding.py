@@ -12,6 +12,9 @@ Usage::
         shardings = sharding.param_shardings(mesh, sharding.param_logical_axes(model, tokens))
         params = jax.device_put(params, shardings)
         logits, aux = jax.jit(model.apply)(variables, tokens)
+
+The optimizer state takes the params' layout (`optimizer_state_shardings`); meshes over a TPU
+topology's devices may split physical torus axes when asked (`make_mesh`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -39,14 +44,18 @@ LOGICAL_RULES: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("cache_len", None),
-    # parameters
+    # parameters. Rules apply in order and a mesh axis is used once per array: routed experts
+    # take `expert` first, so their `embed` dim falls back to `fsdp`, while every other weight
+    # (attention, embeddings, dense and shared MLPs, router) is split over fsdp × expert too
+    # instead of being replicated across the expert axis.
+    ("exp", "expert"),
     ("vocab", "tensor"),
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("exp", "expert"),
     ("expert_mlp", "tensor"),
     ("router_exp", None),
     ("norm", None),
@@ -54,16 +63,26 @@ LOGICAL_RULES: Rules = (
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh with Auto axes (GSPMD propagation + shard_map)."""
+              devices: Sequence[jax.Device] | None = None, *,
+              allow_split_physical_axes: bool = False) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh with Auto axes (GSPMD propagation + shard_map).
+
+    On TPU the devices are laid out along the physical torus (`mesh_utils.create_device_mesh`),
+    which by default refuses a mesh axis that would cut a physical axis in pieces (fsdp=8,
+    expert=8 on a 4x4x4 torus); ``allow_split_physical_axes`` accepts such shapes (collectives
+    along a split axis then cross more links). ``devices`` may be real devices or a TPU
+    topology's (`ring_jax.plan`, ahead-of-time compilation).
+    """
     shape = (data, fsdp, expert, tensor)
     devices = list(jax.devices() if devices is None else devices)
     need = int(np.prod(shape))
     if need > len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {need} devices, "
                          f"have {len(devices)}")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4,
-                         devices=devices[:need])
+    # As `jax.make_mesh`: v5e's 2-D torus is always split where needed.
+    split = allow_split_physical_axes or devices[0].device_kind in ("TPU v5 lite", "TPU v5e")
+    grid = mesh_utils.create_device_mesh(shape, devices[:need], allow_split_physical_axes=split)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 @contextlib.contextmanager
@@ -133,3 +152,15 @@ def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2,
     """Sharding of a [B, ...] input: batch split over the batch axes that divide it."""
     axes = batch_mesh_axes(mesh, batch_size, rules)
     return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def optimizer_state_shardings(tx: optax.GradientTransformation, params: Any,
+                              params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of ``tx.init(params)``: every params-shaped part of the state (AdamW's μ and ν)
+    laid out like the params, the rest (step counts) replicated. (``jax.jit(tx.init)`` alone
+    leaves the layout to XLA, which replicates the zeros: a whole optimizer state per device.)
+    """
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), params_shardings,
+        transform_non_params=lambda _: replicated)

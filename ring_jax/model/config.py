@@ -15,6 +15,11 @@ from ring_jax import config as config_lib
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("reference", "capacity", "ragged")
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
+# What a block keeps for the backward pass (`transformer.REMAT_POLICIES`): "none" keeps every
+# activation; "full" only the block's input (the block's forward runs again in the backward);
+# "save_dots" the outputs of the matmuls without a batch dimension (the weight matmuls), the
+# rest (norms, softmax, SwiGLU, attention scores) is recomputed.
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,12 @@ class ModelConfig:
     moe_impl: str = "capacity"
     capacity_factor: float = 2.0
     min_capacity: int = 16  # small batches (decode) get C = X slots: never dropped
+    # Per-block rematerialisation for the training backward pass (memory for FLOPs); the
+    # parameters, their names and the forward's numerics do not change.
+    remat_policy: str = "none"
+    # Attention over this many queries at a time (0: all at once). A chunk's float32 scores are
+    # [chunk, keys] instead of [T, T]; same result (`layers.attend_chunked`).
+    attention_chunk: int = 0
 
     def __post_init__(self):
         c = config_lib
@@ -114,6 +125,8 @@ class ModelConfig:
         c.check_float("initializer_range", self.initializer_range, min_value=0.0)
         c.check_one_of("param_dtype", self.param_dtype, DTYPES)
         c.check_one_of("dtype", self.dtype, DTYPES)
+        c.check_one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
+        c.check_int("attention_chunk", self.attention_chunk, min_value=0)
 
     @property
     def is_moe(self) -> bool:

@@ -136,13 +136,42 @@ class Attention(nn.Module):
 
         B, T = q_BTHQ.shape[:2]
         q_BTNGQ = q_BTHQ.reshape(B, T, N, H // N, Q)
-        scores_BNGTS = jnp.einsum("btngq,bsnq->bngts", q_BTNGQ, k_BTNQ,
-                                  preferred_element_type=jnp.float32) / math.sqrt(Q)
-        scores_BNGTS = jnp.where(mask_BTS[:, None, None], scores_BNGTS, MASK_VALUE)
-        probs_BNGTS = jax.nn.softmax(scores_BNGTS, axis=-1).astype(dt)
-        out_BTNGQ = jnp.einsum("bngts,bsnq->btngq", probs_BNGTS, v_BTNQ)
+        if 0 < cfg.attention_chunk < T:
+            out_BTNGQ = attend_chunked(q_BTNGQ, k_BTNQ, v_BTNQ, mask_BTS, cfg.attention_chunk)
+        else:
+            out_BTNGQ = attend(q_BTNGQ, k_BTNQ, v_BTNQ, mask_BTS)
         out_BTD = jnp.einsum("bthq,hqd->btd", out_BTNGQ.reshape(B, T, H, Q), w_o_HQD.astype(dt))
         return out_BTD, new_cache
+
+
+def attend(q_BTNGQ: jax.Array, k_BSNQ: jax.Array, v_BSNQ: jax.Array,
+           mask_BTS: jax.Array) -> jax.Array:
+    """softmax(q·kᵀ / √Q, masked) · v with float32 scores [B, N, G, T, S]; out in v's dtype."""
+    Q = q_BTNGQ.shape[-1]
+    scores_BNGTS = jnp.einsum("btngq,bsnq->bngts", q_BTNGQ, k_BSNQ,
+                              preferred_element_type=jnp.float32) / math.sqrt(Q)
+    scores_BNGTS = jnp.where(mask_BTS[:, None, None], scores_BNGTS, MASK_VALUE)
+    probs_BNGTS = jax.nn.softmax(scores_BNGTS, axis=-1).astype(v_BSNQ.dtype)
+    return jnp.einsum("bngts,bsnq->btngq", probs_BNGTS, v_BSNQ)
+
+
+def attend_chunked(q_BTNGQ: jax.Array, k_BSNQ: jax.Array, v_BSNQ: jax.Array,
+                   mask_BTS: jax.Array, chunk: int) -> jax.Array:
+    """`attend`, ``chunk`` queries at a time: float32 scores exist for [chunk, S] only, in the
+    forward and (each chunk rematerialised) in the backward pass. Every query row's softmax is
+    the same computation as in `attend`, so the result is the same up to float summation order.
+    """
+    B, T = q_BTNGQ.shape[:2]
+    num_chunks = -(-T // chunk)
+    pad = num_chunks * chunk - T  # padded query rows see no key; their output is dropped
+    q_CBcNGQ = jnp.pad(q_BTNGQ, ((0, 0), (0, pad)) + ((0, 0),) * 3).reshape(
+        B, num_chunks, chunk, *q_BTNGQ.shape[2:]).swapaxes(0, 1)
+    mask_CBcS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0))).reshape(
+        B, num_chunks, chunk, -1).swapaxes(0, 1)
+    body = jax.checkpoint(lambda qm: attend(qm[0], k_BSNQ, v_BSNQ, qm[1]))
+    out_CBcNGQ = jax.lax.map(body, (q_CBcNGQ, mask_CBcS))
+    return out_CBcNGQ.swapaxes(0, 1).reshape(B, num_chunks * chunk,
+                                             *q_BTNGQ.shape[2:])[:, :T]
 
 
 def write_cache(cache: dict[str, jax.Array], k_BTNQ: jax.Array, v_BTNQ: jax.Array,

@@ -20,6 +20,17 @@ from ring_jax.model.moe import MoEBlock
 
 Cache = tuple[dict[str, jax.Array], ...]
 
+# `ModelConfig.remat_policy` -> the `jax.checkpoint` policy of each block (None: save nothing).
+_REMAT_POLICIES = {"full": None,
+                   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def block_class(cfg: ModelConfig) -> type[nn.Module]:
+    """`Block`, rematerialised per ``cfg.remat_policy`` (same parameters and names)."""
+    if cfg.remat_policy == "none":
+        return Block
+    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
+
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
     """Empty KV cache: one {'k', 'v'} of [B, S, N, Q] per layer (logical axes
@@ -114,11 +125,12 @@ class Transformer(nn.Module):
         x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
 
         new_cache, layer_stats = [], []
+        block = block_class(cfg)
         for i in range(cfg.num_layers):
             moe_index = i - cfg.first_k_dense_replace
             forced = (forced_expert_ids[moe_index]
                       if forced_expert_ids is not None and cfg.is_moe_layer(i) else None)
-            x_BTD, layer_cache, stats = Block(cfg, i, name=f"layers_{i}")(
+            x_BTD, layer_cache, stats = block(cfg, i, name=f"layers_{i}")(
                 x_BTD, cos, sin, mask_BTS, valid_BT, positions_BT,
                 None if cache is None else cache[i], forced)
             new_cache.append(layer_cache)
@@ -196,7 +208,7 @@ class Transformer(nn.Module):
             # Named like the HF convention (model.layers.{L + j}), so router-bias bookkeeping
             # that orders MoE layers by index sees MTP layers after the main ones.
             layer = cfg.num_layers + j
-            h_BTD, _, layer_stats = Block(cfg, layer, name=f"layers_{layer}")(
+            h_BTD, _, layer_stats = block_class(cfg)(cfg, layer, name=f"layers_{layer}")(
                 h_BTD, cos, sin, mask_BTS, valid_BT, positions_BT, None, None)
             if layer_stats is not None:
                 stats.append(layer_stats)

@@ -155,15 +155,10 @@ class Engine:
         self.vocab_size = vocab_size
         self.version = version
         self._mesh = mesh
-        self._fns = device_step.StepFns(
-            forward=forward, init_cache=lambda b: init_cache(b, config.max_len),
-            num_slots=config.num_slots, max_len=config.max_len,
-            max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk)
+        self._fns = step_fns(forward, init_cache, config)
         prepare_weights = prepare_weights or (lambda v, version: v)
         self._prepare = jax.jit(prepare_weights, out_shardings=weight_sharding)
-        state_kw = {} if state_sharding is None else {"out_shardings": (state_sharding, None)}
-        self._prefill = jax.jit(self._fns.prefill, donate_argnums=1, **state_kw)
-        self._decode = jax.jit(self._fns.decode, donate_argnums=1, **state_kw)
+        self._prefill, self._decode = jit_programs(self._fns, state_sharding)
         self._deactivate = jax.jit(self._fns.deactivate, donate_argnums=0,
                                    out_shardings=state_sharding)
         self._release = jax.jit(self._fns.release, donate_argnums=0,
@@ -286,37 +281,10 @@ class Engine:
         weights laid out by the logical-axis rules (experts over ``expert``). ``detokenize``
         enables stop strings (`Engine`).
         """
-        moe = {}
-        if model_cfg.is_moe:
-            dropless = model_cfg.num_experts / model_cfg.num_experts_per_tok
-            moe = dict(moe_impl=moe_impl,
-                       capacity_factor=max(model_cfg.capacity_factor, float(dropless)))
-        cfg = dataclasses.replace(model_cfg, dtype=precision.dtype, param_dtype=precision.dtype,
-                                  **moe)
-        module = model_lib.Transformer(cfg)
-        record = config.record_expert_ids and cfg.is_moe
-
-        def forward(variables, tokens_BT, positions_BT, cache):
-            logits_BTV, aux, cache = module.apply(variables, tokens_BT, positions_BT=positions_BT,
-                                                  cache=cache, return_expert_ids=record)
-            return logits_BTV, aux["expert_ids"] if record else None, cache
-
-        def init_cache(batch, max_len):
-            return model_lib.init_cache(cfg, batch, max_len, precision.jnp_dtype)
-
-        def prepare(variables, version):
-            return precision_lib.prepare_variables(variables, precision, version)
-
-        weight_sharding = state_sharding = None
-        if mesh is not None:
-            with sharding_lib.use_mesh(mesh):
-                tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-                weight_sharding = sharding_lib.param_shardings(
-                    mesh, sharding_lib.param_logical_axes(module, tokens))
-                state_sharding = _slot_state_sharding(mesh, cfg, config)
-        return cls(forward, init_cache, variables, config, vocab_size=cfg.vocab_size,
-                   prepare_weights=prepare, version=version, mesh=mesh,
-                   weight_sharding=weight_sharding, state_sharding=state_sharding,
+        m = model_functions(model_cfg, config, precision, moe_impl=moe_impl, mesh=mesh)
+        return cls(m.forward, m.init_cache, variables, config, vocab_size=m.vocab_size,
+                   prepare_weights=m.prepare_weights, version=version, mesh=mesh,
+                   weight_sharding=m.weight_sharding, state_sharding=m.state_sharding,
                    detokenize=detokenize)
 
     @property
@@ -460,6 +428,72 @@ class Engine:
             min_new_B=np.asarray([p.min_new_tokens for p in params], np.int32),
             max_new_B=np.asarray([p.max_new_tokens for p in params], np.int32),
             stop_BS=stop_NS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFunctions:
+    """What `Engine.from_model` builds from a ``ModelConfig``: the cached forward, the empty
+    cache, the trainer → engine weight conversion and (with a mesh) the weights' and slot
+    state's shardings. Also what the ahead-of-time planner (`ring_jax.plan`) compiles."""
+
+    forward: Any
+    init_cache: Any
+    prepare_weights: Any
+    vocab_size: int
+    weight_sharding: Any = None
+    state_sharding: Any = None
+
+
+def model_functions(model_cfg: Any, config: EngineConfig,
+                    precision: InferencePrecision = InferencePrecision(), *,
+                    moe_impl: str = "capacity", mesh: Any = None) -> ModelFunctions:
+    """The engine's model under an inference precision policy (see `Engine.from_model`)."""
+    moe = {}
+    if model_cfg.is_moe:
+        dropless = model_cfg.num_experts / model_cfg.num_experts_per_tok
+        moe = dict(moe_impl=moe_impl,
+                   capacity_factor=max(model_cfg.capacity_factor, float(dropless)))
+    cfg = dataclasses.replace(model_cfg, dtype=precision.dtype, param_dtype=precision.dtype,
+                              **moe)
+    module = model_lib.Transformer(cfg)
+    record = config.record_expert_ids and cfg.is_moe
+
+    def forward(variables, tokens_BT, positions_BT, cache):
+        logits_BTV, aux, cache = module.apply(variables, tokens_BT, positions_BT=positions_BT,
+                                              cache=cache, return_expert_ids=record)
+        return logits_BTV, aux["expert_ids"] if record else None, cache
+
+    def init_cache(batch, max_len):
+        return model_lib.init_cache(cfg, batch, max_len, precision.jnp_dtype)
+
+    def prepare(variables, version):
+        return precision_lib.prepare_variables(variables, precision, version)
+
+    weight_sharding = state_sharding = None
+    if mesh is not None:
+        with sharding_lib.use_mesh(mesh):
+            tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+            weight_sharding = sharding_lib.param_shardings(
+                mesh, sharding_lib.param_logical_axes(module, tokens))
+            state_sharding = _slot_state_sharding(mesh, cfg, config)
+    return ModelFunctions(forward, init_cache, prepare, cfg.vocab_size, weight_sharding,
+                          state_sharding)
+
+
+def step_fns(forward: Any, init_cache: Any, config: EngineConfig) -> device_step.StepFns:
+    """The device programs' builder for a model (``forward``, ``init_cache(batch, max_len)``)."""
+    return device_step.StepFns(
+        forward=forward, init_cache=lambda b: init_cache(b, config.max_len),
+        num_slots=config.num_slots, max_len=config.max_len,
+        max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk)
+
+
+def jit_programs(fns: device_step.StepFns, state_sharding: Any = None) -> tuple[Any, Any]:
+    """The jitted prefill and decode programs; the slot state is donated (updated in place)
+    and, with ``state_sharding``, kept in that layout."""
+    state_kw = {} if state_sharding is None else {"out_shardings": (state_sharding, None)}
+    return (jax.jit(fns.prefill, donate_argnums=1, **state_kw),
+            jax.jit(fns.decode, donate_argnums=1, **state_kw))
 
 
 def _slot_state_sharding(mesh, cfg, config: EngineConfig) -> device_step.SlotState:

@@ -46,7 +46,11 @@ SAFE_FIELDS = (
     "engine.num_slots",               # engine throughput knobs: batch slots, decode chunk,
     "engine.decode_chunk",            # prefill bucket (sampled tokens may differ numerically
     "engine.min_prefill_len",         # from an uninterrupted run, the state's meaning does not)
-)
+    "model.remat_policy",             # memory levers: same parameters, same update
+    "model.attention_chunk",          # (ring_jax.plan measures them)
+    "rl.num_microbatches",
+    "scheduler.prefetch_batches",     # async read-ahead: timing only (prefetched batches are
+)                                     # saved back as the ready groups they were built from)
 
 _MISSING = "<absent>"
 

@@ -99,6 +99,7 @@ class RLConfig:
 
     num_steps: int = 100
     num_minibatches: int = 1
+    num_microbatches: int = 1  # gradient slices per minibatch (memory only; same update)
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     router_bias_rate: float = 1e-3  # u of the aux-loss-free bias update (PAPER §4); 0: frozen
     router_replay: bool = False  # R3: train with the experts the engine chose
@@ -113,6 +114,7 @@ class RLConfig:
     def __post_init__(self):
         config_lib.check_int("num_steps", self.num_steps, min_value=0)
         config_lib.check_int("num_minibatches", self.num_minibatches, min_value=1)
+        config_lib.check_int("num_microbatches", self.num_microbatches, min_value=1)
         config_lib.check_float("router_bias_rate", self.router_bias_rate, min_value=0.0)
         config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
         config_lib.check(isinstance(self.allow_trainer_drops, bool), "allow_trainer_drops",
@@ -121,23 +123,32 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes over (data, fsdp, expert, tensor); -1 on one axis takes the rest."""
+    """Device mesh sizes over (data, fsdp, expert, tensor); -1 on one axis takes the rest.
+    ``allow_split_physical_axes``: on TPU, accept axes that cut a physical torus axis
+    (`ring_jax.sharding.make_mesh`)."""
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    allow_split_physical_axes: bool = False
+
+    def _sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor")}
 
     def __post_init__(self):
-        sizes = dataclasses.asdict(self)
+        sizes = self._sizes()
         for name, size in sizes.items():
             config_lib.check(size == -1 or (isinstance(size, int) and size >= 1), name, size,
                              "must be a positive int or -1 (the remaining devices)")
         config_lib.check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
                          "at most one axis may be -1")
+        config_lib.check(isinstance(self.allow_split_physical_axes, bool),
+                         "allow_split_physical_axes", self.allow_split_physical_axes,
+                         "must be True or False")
 
     def resolve(self, num_devices: int) -> dict[str, int]:
-        sizes = dataclasses.asdict(self)
+        sizes = self._sizes()
         fixed = 1
         for size in sizes.values():
             fixed *= size if size != -1 else 1
@@ -184,6 +195,11 @@ class ExperimentConfig:
         config_lib.check(s.batch_size % self.rl.num_minibatches == 0, "rl.num_minibatches",
                          self.rl.num_minibatches,
                          f"must divide scheduler.batch_size={s.batch_size}")
+        minibatch = s.batch_size // self.rl.num_minibatches
+        config_lib.check(minibatch % self.rl.num_microbatches == 0, "rl.num_microbatches",
+                         self.rl.num_microbatches,
+                         f"must divide the minibatch (scheduler.batch_size / rl.num_minibatches "
+                         f"= {minibatch} rows)")
         config_lib.check(not self.rl.router_replay or self.engine.record_expert_ids,
                          "rl.router_replay", self.rl.router_replay,
                          "needs engine.record_expert_ids=True (the engine records the routing)")

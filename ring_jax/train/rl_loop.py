@@ -75,8 +75,11 @@ def _init_state(cfg, model, tx, mesh, workdir: str, load_policy: bool) -> dict:
         if policy_dir and load_policy:
             variables = init_from_lib.load_policy(policy_dir, cfg.model, variables)
         params = variables["params"]
+        opt_shardings = sharding.optimizer_state_shardings(tx, params, var_shardings["params"],
+                                                           mesh)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": jax.jit(tx.init)(params), "router": variables.get("router", {})}
+                "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
+                "router": variables.get("router", {})}
 
 
 def run(cfg: experiment.ExperimentConfig, workdir: str) -> dict[str, float]:
@@ -105,7 +108,8 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
             print(f"{workdir}: already finished at step {finished_at} (rl.num_steps="
                   f"{cfg.rl.num_steps}); nothing to do", flush=True)
         return _final_eval(workdir, finished_at)
-    mesh = sharding.make_mesh(**cfg.mesh.resolve(jax.device_count()))
+    mesh = sharding.make_mesh(**cfg.mesh.resolve(jax.device_count()),
+                              allow_split_physical_axes=cfg.mesh.allow_split_physical_axes)
     tokenizer = get_tokenizer(cfg.task.tokenizer)
     task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
     model = Transformer(cfg.model)
@@ -178,10 +182,7 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
         out["perf/eval_s"] = time.perf_counter() - t0
         return out
 
-    train_step = jax.jit(rl_step.make_rl_train_step(
-        model, tx, cfg.rl.loss, num_minibatches=cfg.rl.num_minibatches,
-        router_bias_rate=cfg.rl.router_bias_rate, router_replay=cfg.rl.router_replay,
-        logprob_chunk=cfg.rl.logprob_chunk, optim_cfg=cfg.rl.optim))
+    train_step = rl_step.jit_rl_train_step(model, tx, cfg.rl)
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start or None,
                                        total_steps=cfg.rl.num_steps, is_main=is_main,
                                        console_fields=CONSOLE_FIELDS)

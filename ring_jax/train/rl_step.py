@@ -8,6 +8,8 @@ One step consumes one scheduler batch (rows of prompt ‖ response, `ring_jax.sc
   2. ``num_minibatches`` optimizer updates, each on a slice of the rows (`jax.lax.scan`), with
      the policy loss of `ring_jax.rl.losses` (correction chosen by name: none / tis / icepop /
      kpop / ...). The minibatch loss is its loss sum over the minibatch's own denominator.
+     With ``num_microbatches`` > 1 its gradient is accumulated over row slices (less
+     activation memory, the same update: the loss is a sum over rows).
   3. The aux-loss-free router-bias update (PAPER §4) from the expert loads of step 1's forward,
      outside the gradient.
 
@@ -76,12 +78,37 @@ def _split_rows(tree: Any, num_pieces: int) -> Any:
                                             *x.shape[1:]), tree)
 
 
+def _accumulated_value_and_grad(loss_fn, params, piece, num_microbatches: int):
+    """``value_and_grad(loss_fn)(params, piece)`` in ``num_microbatches`` row slices, one after
+    another (activation memory of one slice). The loss is a sum over rows divided by the whole
+    minibatch's denominator, so slice losses and gradients add up to the full ones; gradients
+    accumulate in float32."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        return grad_fn(params, piece)
+
+    def add(carry, micro):
+        loss_sum, grads_sum = carry
+        (loss, terms), grads = grad_fn(params, micro)
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+        return (loss_sum + loss, grads_sum), terms
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, grads), terms_U = jax.lax.scan(add, (jnp.zeros((), jnp.float32), zeros),
+                                          _split_rows(piece, num_microbatches))
+    terms = jax.tree.map(lambda x: x[0], terms_U)
+    for i in range(1, num_microbatches):
+        terms = losses.accumulate_terms(terms, jax.tree.map(lambda x, i=i: x[i], terms_U))
+    return (loss, terms), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig, *,
                        num_minibatches: int = 1, router_bias_rate: float = 1e-3,
                        router_replay: bool = False, logprob_chunk: int = 128,
-                       optim_cfg: optim.OptimConfig | None = None
+                       optim_cfg: optim.OptimConfig | None = None, num_microbatches: int = 1
                        ) -> Callable[[RLState, Batch], tuple[RLState, dict[str, jax.Array]]]:
-    """Builds the pure train step (jit it with ``donate_argnums=0``)."""
+    """Builds the pure train step (jit it with ``donate_argnums=0``). Each minibatch's
+    gradient is computed in ``num_microbatches`` slices (same update, less memory)."""
     logprob_fn = make_logprob_fn(model, chunk_size=logprob_chunk, router_replay=router_replay)
 
     def rl_train_step(state: RLState, batch: Batch):
@@ -100,15 +127,17 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
                 piece["logp_old_BT"], mb["logp_infer_BT"], mb["loss_mask_BT"], loss_cfg)
             denominator = losses.loss_denominator(mb["loss_mask_BT"], loss_cfg, keep_BT)
 
-            def loss_fn(p):
+            def loss_fn(p, micro):
                 # The entropy has a gradient here: the optional entropy bonus acts on θ.
+                mb = micro["batch"]
                 logp_BT, entropy_BT, _ = logprob_fn(p, router, mb)
                 terms = losses.policy_loss_terms(
-                    logp_BT, piece["logp_old_BT"], mb["logp_infer_BT"], mb["advantages_B"],
+                    logp_BT, micro["logp_old_BT"], mb["logp_infer_BT"], mb["advantages_B"],
                     mb["loss_mask_BT"], loss_cfg, entropy_BT=entropy_BT)
                 return terms.loss_sum / jnp.maximum(denominator, 1.0), terms
 
-            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, terms), grads = _accumulated_value_and_grad(loss_fn, params, piece,
+                                                               num_microbatches)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return (params, opt_state), (loss, terms, optax.global_norm(grads))
@@ -147,6 +176,19 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
         return new_state, metrics
 
     return rl_train_step
+
+
+def jit_rl_train_step(model, tx: optax.GradientTransformation, rl_cfg: Any, *,
+                      donate_state: bool = False) -> Callable:
+    """The jitted train step as `rl_loop` runs it (and `ring_jax.plan` compiles it), built from
+    an ``RLConfig`` (`ring_jax.train.experiment`). ``donate_state`` lets XLA update the state's
+    buffers in place (the caller must not read the old state after the call)."""
+    step_fn = make_rl_train_step(
+        model, tx, rl_cfg.loss, num_minibatches=rl_cfg.num_minibatches,
+        router_bias_rate=rl_cfg.router_bias_rate, router_replay=rl_cfg.router_replay,
+        logprob_chunk=rl_cfg.logprob_chunk, optim_cfg=rl_cfg.optim,
+        num_microbatches=rl_cfg.num_microbatches)
+    return jax.jit(step_fn, donate_argnums=0 if donate_state else ())
 
 
 def _row_mean(values_B: jax.Array, loss_mask_BT: jax.Array) -> jax.Array:

@@ -31,9 +31,11 @@ def test_rules_map_expert_weights_and_tokens():
     rules = sharding.LOGICAL_RULES
     assert sharding.spec_for(("exp", "embed", "expert_mlp"), mesh, rules) == P(
         "expert", "fsdp", "tensor")
+    # Non-expert weights are split over fsdp × expert (not replicated over expert).
     assert sharding.spec_for(("embed", "heads", "head_dim"), mesh, rules) == P(
-        "fsdp", "tensor", None)
-    assert sharding.spec_for(("embed", "router_exp"), mesh, rules) == P("fsdp", None)
+        ("fsdp", "expert"), "tensor", None)
+    assert sharding.spec_for(("embed", "router_exp"), mesh, rules) == P(("fsdp", "expert"), None)
+    assert sharding.spec_for(("vocab", "embed"), mesh, rules) == P("tensor", ("fsdp", "expert"))
     assert sharding.batch_mesh_axes(mesh, 8, rules) == ("data", "fsdp", "expert")
     # A decode batch of 2 is split over the first batch axis only.
     assert sharding.batch_mesh_axes(mesh, 2, rules) == ("data",)
@@ -41,6 +43,22 @@ def test_rules_map_expert_weights_and_tokens():
     small = AbstractMesh((4,), ("expert",), axis_types=(AxisType.Auto,))
     assert sharding.spec_for(("exp", "embed", "expert_mlp"), small, rules) == P(
         "expert", None, None)
+
+
+def test_optimizer_state_takes_the_params_layout():
+    import optax
+    from jax.sharding import NamedSharding
+    mesh = AbstractMesh((2, 4), ("fsdp", "expert"), axis_types=(AxisType.Auto,) * 2)
+    params = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32),
+              "experts": jax.ShapeDtypeStruct((4, 8, 2), jnp.float32)}
+    shardings = {"w": NamedSharding(mesh, P(("fsdp", "expert"), None)),
+                 "experts": NamedSharding(mesh, P("expert", "fsdp", None))}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    out = sharding.optimizer_state_shardings(tx, params, shardings, mesh)
+    adam = out[1][0]
+    # Left to XLA, jax.jit(tx.init) replicates μ and ν: a whole optimizer state per device.
+    assert adam.mu == shardings and adam.nu == shardings
+    assert adam.count.spec == P()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""``python -m ring_jax.plan --config=FILE[:ARG] --topology=v5p:4x4x4 --mesh=fsdp=4,expert=16``
+
+Compiles the experiment's programs ahead of time for the TPU topology and prints one table
+(sizes in GiB per device; see `ring_jax.plan`). Flags:
+
+  --program          rl_step | logprob | prefill | decode | all (comma-separated list allowed)
+  --mesh             the training mesh, axis=size over (data, fsdp, expert, tensor); default:
+                     the config's ``mesh`` section resolved over the topology's devices
+  --engine_mesh      the engine's mesh (default: the training mesh, as one process runs it);
+                     it takes the topology's first devices, e.g. data=4 = one v5p host's chips
+  --num_layers       compile depths N and N + 1 and extrapolate to the model's depth
+  --allow_split_physical_axes   accept mesh axes that split the physical torus (or the
+                     config's mesh.allow_split_physical_axes)
+  --headroom         fraction of HBM a program may use to count as fitting (default 0.95)
+  --config.a.b=v     any config override, as for ring_jax.main
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# The planner compiles and never runs a program: JAX's own backend stays the CPU (set before the
+# config file, which imports JAX, is loaded at flag parsing).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ring_jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (with :arg).",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4.")
+_MESH = flags.DEFINE_string("mesh", "", "Training mesh, e.g. fsdp=8,expert=8.")
+_ENGINE_MESH = flags.DEFINE_string("engine_mesh", "", "Engine mesh (default: training mesh).")
+_PROGRAM = flags.DEFINE_string("program", "all", "rl_step,logprob,prefill,decode or all.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Compile this depth and one more, "
+                                   "extrapolate to the model's depth.")
+_SPLIT = flags.DEFINE_bool("allow_split_physical_axes", False,
+                           "Accept mesh axes that split physical torus axes.")
+_HEADROOM = flags.DEFINE_float("headroom", 0.95, "Fraction of HBM a program may use.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    del argv
+    from ring_jax import plan
+    from ring_jax.plan import hardware, programs, report
+    from ring_jax.train import experiment
+    try:
+        cfg = experiment.from_config_dict(_CONFIG.value)
+        names = list(programs.PROGRAMS) if _PROGRAM.value == "all" else _PROGRAM.value.split(",")
+        unknown = [n for n in names if n not in programs.PROGRAMS]
+        if unknown:
+            raise ConfigError(f"program={_PROGRAM.value!r} is invalid: must be 'all' or a "
+                              f"comma-separated list of {list(programs.PROGRAMS)}")
+        if _NUM_LAYERS.value is not None:
+            plan.check_depth(cfg, _NUM_LAYERS.value)
+        hardware.parse_topology_name(_TOPOLOGY.value)
+        topology = hardware.get_topology(_TOPOLOGY.value)
+        sizes = (hardware.parse_mesh(_MESH.value) if _MESH.value
+                 else cfg.mesh.resolve(len(topology.devices)))
+        split = _SPLIT.value or cfg.mesh.allow_split_physical_axes
+        train_mesh = hardware.make_mesh(topology, sizes, allow_split_physical_axes=split)
+        engine_mesh = train_mesh if not _ENGINE_MESH.value else hardware.make_mesh(
+            topology, hardware.parse_mesh(_ENGINE_MESH.value), allow_split_physical_axes=split)
+    except (ConfigError, ImportError) as e:
+        sys.exit(f"ring_jax.plan: {e}")
+    reports = plan.plan(cfg, programs.Meshes(train_mesh, engine_mesh), names,
+                        _NUM_LAYERS.value)
+    hbm = topology.hbm_per_device
+    print(f"topology {topology.name} ({len(topology.devices)} devices, "
+          f"{hbm / report.GiB:.0f} GiB HBM each); training mesh {dict(train_mesh.shape)}; "
+          f"engine mesh {dict(engine_mesh.shape)}; model {cfg.model.num_layers} layers, "
+          f"moe_impl={cfg.model.moe_impl}, engine_moe_impl={cfg.engine_moe_impl}; batch "
+          f"{cfg.scheduler.batch_size} x {cfg.scheduler.max_seq_len}; engine "
+          f"{cfg.engine.num_slots} slots x {cfg.engine.max_len}")
+    print("per-device GiB: peak = argument + output - alias + temp + code")
+    print(report.format_table(reports, hbm, _HEADROOM.value))
+
+
+if __name__ == "__main__":
+    app.run(main)
