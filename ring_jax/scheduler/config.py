@@ -91,6 +91,7 @@ class SchedulerConfig:
                                                      for n in shape),
                              "expert_ids_shape", self.expert_ids_shape,
                              "must be None or (L_moe, K) with positive ints")
+        policies.get_policy_class(self.mode).validate(self)
 
     @property
     def prompts_per_batch(self) -> int:
