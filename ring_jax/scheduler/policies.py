@@ -6,8 +6,9 @@ score, group — the same way for every policy, and asks its policy four questio
   how stale may a response be   `max_version_lag()`: most policy versions a trained token may
                                 lag the trainer's weights (groups past it never reach training)
   purge or pace                 `groups_to_purge(view)` at each iteration boundary: groups to
-                                discard (C3PO++'s σ_max purge); a pacing policy purges nothing
-                                and keeps carried work inside the bound through admission
+                                discard (C3PO++'s σ_max purge); a pacing policy (``paced``)
+                                purges nothing and keeps carried work inside the bound through
+                                admission
   how many to admit             `num_new_groups(view)` at the iteration boundary, and
                                 `num_refill_groups(...)` after every chunked engine step (C3PO++
                                 refills the capacity finished responses free up)
@@ -20,16 +21,17 @@ of on the trainer's thread inside `next_batch`.
 Every answer must be a pure function of the view and the config (multi-host rule, see
 `scheduler.py`): never of clocks or thread timing.
 
-A new policy is one registered class plus config:
+A new policy is one registered class plus config (``paced`` below is a complete example):
 
-    @register_policy("paced")
-    class Paced(SchedulingPolicy):
-        params = {"margin": 1}           # its own settings, from SchedulerConfig.policy_params
+    @register_policy("trickle")
+    class Trickle(SchedulingPolicy):
+        params = {"groups": 1}           # its own settings, from SchedulerConfig.policy_params
         def max_version_lag(self): return self.config.sigma_max
-        def num_new_groups(self, view): ...
+        def num_new_groups(self, view): return 0 if view.num_buffered else self.params["groups"]
 
-selected with ``scheduler.mode="paced"`` once its module is imported, or, with no import
-anywhere, ``scheduler.mode="my_project.policies:Paced"``.
+selected with ``scheduler.mode="trickle"`` once its module is imported, or, with no import
+anywhere, ``scheduler.mode="my_project.policies:Trickle"``; `SchedulingPolicy.validate` checks
+its params' ranges when the config is built.
 """
 from __future__ import annotations
 
