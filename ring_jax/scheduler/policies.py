@@ -257,7 +257,9 @@ class Paced(SchedulingPolicy):
     The guarantee needs the trainer to publish at most u versions per batch; one that
     publishes more (several optimizer updates per batch, with u left at 1) can age a group
     past σ_max, and the scheduler's batch-time staleness check then purges it as for every
-    policy (counted in ``sched/total/purged_groups/stale_at_batch``, never silent).
+    policy (counted in ``sched/total/purged_groups/stale_at_batch``, never silent). It also
+    needs iterations on the trainer's thread (a foreground policy: ``background`` False), so
+    that no batch is taken while an iteration admits.
     """
 
     params = {"versions_per_batch": 1}

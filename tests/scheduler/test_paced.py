@@ -146,3 +146,25 @@ def test_purging_biases_toward_short_responses_pacing_does_not():
     means = [m["sched/trained_response_len_mean"] for m in paced_metrics]
     p90s = [m["sched/trained_response_len_p90"] for m in paced_metrics]
     assert all(p >= m for m, p in zip(means, p90s)) and max(p90s) >= 35
+
+
+def test_trainer_faster_than_declared_is_purged_visibly():
+    """The guarantee assumes at most ``versions_per_batch`` versions per batch. A trainer that
+    publishes 2 while the policy assumes 1 ages groups past σ_max: the batch-time check purges
+    them, counted by reason (never silently trained stale); declaring u = 2 purges nothing."""
+    def run(policy_params):
+        config = SchedulerConfig(mode="paced", group_size=G, batch_size=2 * G, max_seq_len=64,
+                                 sampling=SamplingParams(max_new_tokens=48), token_budget=24,
+                                 sigma_max=1, policy_params=policy_params,
+                                 max_active_requests=32, step_chunk_tokens=4)
+        with Scheduler(config, testing.FakeEngine(8, _long_tailed_length),
+                       testing.prompt_records(NUM_PROMPTS), lambda rec, req: (1.0, {}),
+                       testing.grpo_advantages) as sched:
+            batches = testing.run_training(sched, updates_per_batch=2)
+            return len(_trained(batches)), sched.pop_metrics()
+
+    trained, totals = run(())
+    assert totals["sched/total/purged_groups/stale_at_batch"] > 0
+    assert trained + totals["sched/total/purged_responses"] == NUM_PROMPTS * G
+    trained, totals = run((("versions_per_batch", 2),))
+    assert trained == NUM_PROMPTS * G and totals["sched/total/purged_responses"] == 0
