@@ -1,5 +1,5 @@
-"""Rollout scheduling (host-side threads, buffers, staleness, budget): sync, C3PO++ and async
-policies around one core loop.
+"""Rollout scheduling (host-side threads, buffers, staleness, budget): sync, C3PO++ (purging or
+paced) and async policies around one core loop.
 
     from ring_jax.scheduler import Scheduler, SchedulerConfig
     sched = Scheduler(SchedulerConfig(mode="c3po", ...), engine, prompts, reward_fn, adv_fn)
@@ -13,7 +13,8 @@ Modules, one job each:
   scheduler.py  the public `Scheduler`: batches, weights, state_dict; the iteration,
                 staleness, multi-host and error rules
   rollouts.py   one rollout iteration (purge, admit, generate, drain, score, group)
-  policies.py   the policy protocol + registry (sync, c3po, async; a fork adds one class)
+  policies.py   the policy protocol + registry (sync, c3po, paced, async; a fork adds one
+                class)
   producer.py   the producer thread of background policies (async)
   state.py      `SchedulerState` (the checkpoint) and its flat numpy encoding
   groups.py     a GRPO group of G requests;   batching.py  fixed-shape batches + grain view

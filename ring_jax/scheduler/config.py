@@ -10,6 +10,11 @@ registered name or ``"package.module:ClassName"``). The built-in ones:
     newest weights. A group whose oldest token is more than σ_max = ``sigma_max`` policy versions
     behind the current one is purged (``purge_policy``). New prompts fill the capacity
     ``max_active_requests`` that the buffer leaves free.
+  * ``paced`` — C3PO++'s budget Φ and carry-over, but nothing is purged: admission is paced
+    so that every admitted response is trained within σ_max versions however long it is (a cap
+    on the groups admitted and not yet trained, `policies.Paced`), which keeps the trained
+    responses' length distribution that of ``sync``. ``policy_params``: ``versions_per_batch``
+    (default 1, the versions the trainer publishes per batch).
   * ``async`` — k-step off-policy overlap: a background thread generates batch n (run to
     completion, as ``sync``) with the weights of version ``v0 + n - max_staleness`` while the
     trainer trains batch n - 1; the trainer never sees a token more than ``max_staleness``
@@ -91,6 +96,7 @@ class SchedulerConfig:
                                                      for n in shape),
                              "expert_ids_shape", self.expert_ids_shape,
                              "must be None or (L_moe, K) with positive ints")
+        policies.get_policy_class(self.mode).validate(self)
 
     @property
     def prompts_per_batch(self) -> int:

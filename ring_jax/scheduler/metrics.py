@@ -1,7 +1,8 @@
 """The scheduler's metrics: a thread-safe accumulator and what is recorded when.
 
-`Metrics` holds sums (counts, seconds), gauges (last value) and maxima, reset by each `pop`
-(the async producer adds while the trainer's thread pops). The ``record_*`` functions name every
+`Metrics` holds sums (counts, seconds), gauges (last value), maxima and samples (reported as
+their mean and p90), reset by each `pop` (the async producer adds while the trainer's thread
+pops). The ``record_*`` functions name every
 metric the scheduler writes (``sched/`` and ``rollout/`` prefixes, summed over the iterations
 and batches since the last pop); `summarize` adds the per-response means and the running totals.
 """
@@ -22,6 +23,7 @@ class Metrics:
         self._sums: dict[str, float] = collections.defaultdict(float)
         self._gauges: dict[str, float] = {}
         self._maxima: dict[str, float] = {}
+        self._samples: dict[str, list[float]] = collections.defaultdict(list)
 
     def add(self, name: str, value: float) -> None:
         with self._lock:
@@ -35,12 +37,21 @@ class Metrics:
         with self._lock:
             self._maxima[name] = max(self._maxima.get(name, float("-inf")), float(value))
 
+    def sample(self, name: str, value: float) -> None:
+        """One observation of a distribution; `pop` reports ``{name}_mean`` and ``{name}_p90``."""
+        with self._lock:
+            self._samples[name].append(float(value))
+
     def pop(self) -> dict[str, float]:
         with self._lock:
             out = {**self._sums, **self._gauges, **self._maxima}
+            for name, values in self._samples.items():
+                out[f"{name}_mean"] = float(np.mean(values))
+                out[f"{name}_p90"] = float(np.percentile(values, 90))
             self._sums.clear()
             self._gauges.clear()
             self._maxima.clear()
+            self._samples.clear()
             return out
 
 
@@ -78,7 +89,8 @@ def record_purge(m: Metrics, group: Group) -> None:
 
 def record_batch(m: Metrics, groups: Sequence[Group], trainer_version: int) -> None:
     """One batch handed to the trainer: σ histogram (cuts per response), versions spanned,
-    lag behind the trainer's weights, volume and reward."""
+    lag behind the trainer's weights, volume, response lengths (mean, p90: what a purging
+    policy's length bias shows in) and reward."""
     m.add("sched/batches", 1)
     for group in groups:
         for i, (request, cuts) in enumerate(zip(group.members, group.cuts)):
@@ -89,6 +101,7 @@ def record_batch(m: Metrics, groups: Sequence[Group], trainer_version: int) -> N
             m.max("sched/version_lag_max", trainer_version - int(request.versions.min()))
             m.add("sched/trained_responses", 1)
             m.add("sched/trained_tokens", request.num_generated)
+            m.sample("sched/trained_response_len", request.num_generated)
             m.add("sched/reward_sum", group.rewards[i])
         m.add("sched/trained_groups", 1)
 
@@ -105,6 +118,8 @@ def summarize(out: dict[str, float], totals: Mapping[str, float], *, version: in
     for name in [k for k in out if k.startswith("sched/reward_info/")]:
         if scored:
             out[name[:-len("_sum")] + "_mean"] = out[name] / scored
+    out.setdefault("sched/responses_purged", 0.0)  # a column in study tables even when 0
+    out["sched/total/purged_responses"] = 0.0
     for name, value in totals.items():
         out[f"sched/total/{name}"] = float(value)
     out["sched/version"] = float(version)

@@ -6,8 +6,9 @@ score, group — the same way for every policy, and asks its policy four questio
   how stale may a response be   `max_version_lag()`: most policy versions a trained token may
                                 lag the trainer's weights (groups past it never reach training)
   purge or pace                 `groups_to_purge(view)` at each iteration boundary: groups to
-                                discard (C3PO++'s σ_max purge); a pacing policy purges nothing
-                                and keeps carried work inside the bound through admission
+                                discard (C3PO++'s σ_max purge); a pacing policy (``paced``)
+                                purges nothing and keeps carried work inside the bound through
+                                admission
   how many to admit             `num_new_groups(view)` at the iteration boundary, and
                                 `num_refill_groups(...)` after every chunked engine step (C3PO++
                                 refills the capacity finished responses free up)
@@ -20,16 +21,17 @@ of on the trainer's thread inside `next_batch`.
 Every answer must be a pure function of the view and the config (multi-host rule, see
 `scheduler.py`): never of clocks or thread timing.
 
-A new policy is one registered class plus config:
+A new policy is one registered class plus config (``paced`` below is a complete example):
 
-    @register_policy("paced")
-    class Paced(SchedulingPolicy):
-        params = {"margin": 1}           # its own settings, from SchedulerConfig.policy_params
+    @register_policy("trickle")
+    class Trickle(SchedulingPolicy):
+        params = {"groups": 1}           # its own settings, from SchedulerConfig.policy_params
         def max_version_lag(self): return self.config.sigma_max
-        def num_new_groups(self, view): ...
+        def num_new_groups(self, view): return 0 if view.num_buffered else self.params["groups"]
 
-selected with ``scheduler.mode="paced"`` once its module is imported, or, with no import
-anywhere, ``scheduler.mode="my_project.policies:Paced"``.
+selected with ``scheduler.mode="trickle"`` once its module is imported, or, with no import
+anywhere, ``scheduler.mode="my_project.policies:Trickle"``; `SchedulingPolicy.validate` checks
+its params' ranges when the config is built.
 """
 from __future__ import annotations
 
@@ -53,10 +55,17 @@ class View:
     num_buffered: unfinished responses carried over from the last iteration (resumed first).
     oldest_versions: group id → oldest token version, for every admitted, incomplete group that
       has generated tokens (purge candidates; a pacing policy's measure of carried work).
+    num_groups: admitted, incomplete groups (started or not). In `num_refill_groups` it counts
+      the groups admitted so far, boundary and refills (the rest of the view is the boundary's).
+    num_ready: complete groups waiting for a batch.
+    oldest_ready_version: oldest token version among the ready groups (None: none ready).
     """
     version: int
     num_buffered: int
     oldest_versions: Mapping[int, int]
+    num_groups: int = 0
+    num_ready: int = 0
+    oldest_ready_version: int | None = None
 
 
 class SchedulingPolicy:
@@ -74,6 +83,11 @@ class SchedulingPolicy:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.params = {**type(self).params, **dict(config.policy_params)}
+
+    @classmethod
+    def validate(cls, config: SchedulerConfig) -> None:
+        """Checks of the policy's settings beyond their types (ranges, consistency with the
+        config), run when the config is built; raise `ConfigError` naming the field."""
 
     def max_version_lag(self) -> int:
         raise NotImplementedError
@@ -208,3 +222,77 @@ class Async(SchedulingPolicy):
 
     def num_new_groups(self, view: View) -> int:
         return self.config.prompts_per_batch
+
+
+@register_policy("paced")
+class Paced(SchedulingPolicy):
+    """C3PO++ with staleness kept by pacing admission instead of purging (issue 14, item 3).
+
+    As ``c3po``: Φ = ``token_budget`` new tokens per iteration, unfinished responses carried
+    and resumed first, freed capacity refilled after every chunked step. Unlike it, nothing is
+    ever purged, so the σ_max purge's bias toward short responses (the long ones are the ones
+    cut most often) does not exist: the trained responses of a prompt set are the ones ``sync``
+    would train.
+
+    The bound. Call the *pipeline* the N admitted groups not yet trained (incomplete + ready),
+    and λ the lag v - o of its oldest token (o) behind the current weights v (0 if none has a
+    token yet). Every batch trains P = ``batch_size / group_size`` groups and, in the RL loop,
+    the trainer then publishes u = ``versions_per_batch`` new versions (one train step per
+    batch: u = 1); iterations run only while fewer than P groups are ready. So the quantity
+    v + u·(⌈N/P⌉ - 1) — the version the last pipeline group would be trained at if nothing more
+    were admitted — never grows with a batch (v += u, N -= P) nor with an iteration that
+    admits nothing (N is unchanged: groups only move from incomplete to ready). The policy
+    admits a group only while that keeps
+
+        v + u·(⌈N/P⌉ - 1) - o ≤ σ_max,   i.e.   N ≤ P·(1 + ⌊(σ_max - λ)/u⌋),
+
+    so while a group is in the pipeline (N ≥ 1) the trainer's version is at most its oldest
+    token's + σ_max: every admitted response is trained within σ_max versions, however long it
+    is. Pacing, not purging: the cap shrinks from P·(1 + ⌊σ_max/u⌋) groups with fresh work to
+    one batch's P while the oldest carried work is at the bound. A response longer than σ_max
+    iterations' budget simply makes more iterations run at the same version (the trainer
+    waits, as under ``sync``); none is cut short or dropped. One batch's worth is always
+    admissible (cap ≥ P), so the schedule never stalls.
+
+    The guarantee needs the trainer to publish at most u versions per batch; one that
+    publishes more (several optimizer updates per batch, with u left at 1) can age a group
+    past σ_max, and the scheduler's batch-time staleness check then purges it as for every
+    policy (counted in ``sched/total/purged_groups/stale_at_batch``, never silent). It also
+    needs iterations on the trainer's thread (a foreground policy: ``background`` False), so
+    that no batch is taken while an iteration admits.
+    """
+
+    params = {"versions_per_batch": 1}
+
+    @classmethod
+    def validate(cls, config: SchedulerConfig) -> None:
+        value = dict(config.policy_params).get("versions_per_batch", 1)
+        config_lib.check_int("policy_params.versions_per_batch", value, min_value=1)
+
+    def max_version_lag(self) -> int:
+        return self.config.sigma_max
+
+    def token_budget(self, view: View) -> int:
+        return self.config.token_budget
+
+    def max_pipeline_groups(self, view: View) -> int:
+        """Most groups admitted and not yet trained that keep every one within σ_max."""
+        oldest = list(view.oldest_versions.values())
+        if view.oldest_ready_version is not None:
+            oldest.append(view.oldest_ready_version)
+        lag = view.version - min(oldest) if oldest else 0
+        per_batch = self.config.prompts_per_batch
+        return per_batch * max(1, 1 + (self.config.sigma_max - lag)
+                               // self.params["versions_per_batch"])
+
+    def _admissible(self, view: View, free_requests: int) -> int:
+        room = self.max_pipeline_groups(view) - view.num_groups - view.num_ready
+        return max(0, min(free_requests // self.config.group_size, room))
+
+    def num_new_groups(self, view: View) -> int:
+        return self._admissible(view, self.config.max_active_requests - view.num_buffered)
+
+    def num_refill_groups(self, view: View, num_in_flight: int, tokens_spent: int) -> int:
+        if tokens_spent >= self.config.token_budget:
+            return 0
+        return self._admissible(view, self.config.max_active_requests - num_in_flight)

@@ -136,9 +136,13 @@ class Rollouts:
                                f"trainer published {self.state.version}: call update_weights")
 
     def _view(self) -> View:
-        oldest = {gid: g.oldest_version() for gid, g in self.state.groups.items()}
-        return View(version=int(self.engine.version), num_buffered=len(self.state.buffer),
-                    oldest_versions={gid: v for gid, v in oldest.items() if v is not None})
+        s = self.state
+        oldest = {gid: g.oldest_version() for gid, g in s.groups.items()}
+        ready = [v for v in (g.oldest_version() for g in s.ready) if v is not None]
+        return View(version=int(self.engine.version), num_buffered=len(s.buffer),
+                    oldest_versions={gid: v for gid, v in oldest.items() if v is not None},
+                    num_groups=len(s.groups), num_ready=len(s.ready),
+                    oldest_ready_version=min(ready) if ready else None)
 
     def _prepare(self) -> tuple[list[Request], View]:
         """Steps 2–3: purge, then the requests to run; and the view the policy saw."""
@@ -234,7 +238,8 @@ class Rollouts:
             # New prompts may fill the capacity that finished responses free up, so the slots
             # stay busy for the whole budget (only between chunked step calls).
             with self._cond:
-                new = self._admit(self.policy.num_refill_groups(view, in_flight, spent))
+                now = dataclasses.replace(view, num_groups=len(self.state.groups))
+                new = self._admit(self.policy.num_refill_groups(now, in_flight, spent))
             if new:
                 self.engine.add(new)
                 in_flight += len(new)

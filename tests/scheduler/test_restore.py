@@ -18,7 +18,7 @@ _spec.loader.exec_module(worker)
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("mode", ["sync", "c3po", "async"])
+@pytest.mark.parametrize("mode", ["sync", "c3po", "paced", "async"])
 def test_restore_in_fresh_process_continues_identically(mode, tmp_path):
     with worker.build(mode) as sched:
         reference = testing.run_training(sched)
@@ -27,6 +27,9 @@ def test_restore_in_fresh_process_continues_identically(mode, tmp_path):
     if mode == "c3po":  # the cut must fall while responses sit in the buffer
         assert reference_totals["sched/total/carried_responses"] > 0
         assert reference_totals["sched/total/purged_responses"] > 0
+    if mode == "paced":  # same σ_max = 1: carried work, and nothing purged
+        assert reference_totals["sched/total/carried_responses"] > 0
+        assert reference_totals["sched/total/purged_responses"] == 0
 
     cut = 3
     with worker.build(mode) as sched:
