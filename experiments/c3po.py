@@ -23,6 +23,9 @@ differ only in ``scheduler``:
                   ~32 tokens per iteration)
   c3po_phi{512,2048}      the budget sweep at σ_max = 4
   c3po_sigma{1,2}         the staleness sweep at Φ = 1024
+  paced, paced_sigma1     C3PO++'s budget and carry-over with paced admission instead of purging
+                          (`scheduler.mode="paced"`): nothing purged, every trained token within
+                          σ_max; compare trained response lengths with sync's (length bias)
 
 Commands (resumable; figures and table.md into <figures>/<study>/):
 
@@ -31,7 +34,7 @@ Commands (resumable; figures and table.md into <figures>/<study>/):
     python experiments/sweep.py --config=experiments/c3po.py:local --study=modes --seeds=0 ...
 
 Args (comma-separated after ':'):
-  mode=sync|c3po|async    the scheduler (default c3po)
+  mode=sync|c3po|paced|async   the scheduler (default c3po)
   phi=N, sigma=N, k=N      C3PO++ budget Φ and bound σ_max; async staleness k
   seed=N
   sft                      SFT warm start only (rl.num_steps = 0)
@@ -59,9 +62,11 @@ from ring_jax.train.experiment import complete, parse_config_arg
 SEEDS = (0, 1, 2)
 DEFAULT_PHI, DEFAULT_SIGMA = 1024, 4
 STUDIES = {
-    "modes": {"sync": "mode=sync", "async": "mode=async", "c3po": "mode=c3po"},
+    "modes": {"sync": "mode=sync", "async": "mode=async", "c3po": "mode=c3po",
+              "paced": "mode=paced"},
     "budget": {f"c3po_phi{p}": f"mode=c3po,phi={p}" for p in (512, DEFAULT_PHI, 2048)},
-    "staleness": {f"c3po_sigma{s}": f"mode=c3po,sigma={s}" for s in (1, 2, DEFAULT_SIGMA)},
+    "staleness": {**{f"c3po_sigma{s}": f"mode=c3po,sigma={s}" for s in (1, 2, DEFAULT_SIGMA)},
+                  "paced_sigma1": "mode=paced,sigma=1"},
 }
 # Arms at the defaults are the "modes" study's c3po runs: same workdir, run once.
 SAME_AS = {f"c3po_phi{DEFAULT_PHI}": "c3po", f"c3po_sigma{DEFAULT_SIGMA}": "c3po"}
@@ -72,7 +77,9 @@ SAME_AS = {f"c3po_phi{DEFAULT_PHI}": "c3po", f"c3po_sigma{DEFAULT_SIGMA}": "c3po
 # first steps' times are mostly compilation.
 STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_s",
                  "perf/step_s", "perf/trained_tokens_per_s", "rl/response_tokens",
-                 "sched/versions_spanned_mean", "mismatch/masked_frac", "moe/dropped_frac")
+                 "sched/versions_spanned_mean", "mismatch/masked_frac", "moe/dropped_frac",
+                 "sched/trained_response_len_mean", "sched/trained_response_len_p90",
+                 "sched/responses_purged")
 TIME_KEY = "time/rl_s"
 TABLE_LAST = 30
 

@@ -23,9 +23,10 @@ def test_sweep_arms_seeds_and_scheduler_knobs(experiment_file):
     labels = {}
     for r in runs:
         labels.setdefault(r["study"], {}).setdefault(r["label"], []).append(r)
-    assert set(labels["modes"]) == {"sync", "async", "c3po"}
+    assert set(labels["modes"]) == {"sync", "async", "c3po", "paced"}
     assert set(labels["budget"]) == {"c3po_phi512", "c3po_phi1024", "c3po_phi2048"}
-    assert set(labels["staleness"]) == {"c3po_sigma1", "c3po_sigma2", "c3po_sigma4"}
+    assert set(labels["staleness"]) == {"c3po_sigma1", "c3po_sigma2", "c3po_sigma4",
+                                        "paced_sigma1"}
     # The defaults (Φ=1024, σ_max=4) are the modes study's c3po runs, not new workdirs.
     assert {r["name"] for r in labels["budget"]["c3po_phi1024"]} == {"c3po_s0", "c3po_s1",
                                                                       "c3po_s2"}
@@ -41,10 +42,12 @@ def test_sweep_arms_seeds_and_scheduler_knobs(experiment_file):
             assert cfg.rl.num_steps == 0
     cfgs = {label: experiment.from_config_dict(study.get_config(arg)).scheduler
             for label, arg in (("sync", "mode=sync"), ("async", "mode=async,k=2"),
-                               ("c3po", "mode=c3po,phi=512,sigma=1"))}
+                               ("c3po", "mode=c3po,phi=512,sigma=1"),
+                               ("paced", "mode=paced,sigma=1"))}
     assert cfgs["sync"].mode == "sync"
     assert (cfgs["async"].mode, cfgs["async"].max_staleness) == ("async", 2)
     assert (cfgs["c3po"].token_budget, cfgs["c3po"].sigma_max) == (512, 1)
+    assert (cfgs["paced"].mode, cfgs["paced"].sigma_max) == ("paced", 1)
     with pytest.raises(ValueError, match="unknown args"):
         study.get_config("budget=3")
 
