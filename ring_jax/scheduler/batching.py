@@ -17,7 +17,7 @@ a final partial batch, whose loss_mask is all zero).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np

@@ -1,6 +1,5 @@
 """Ahead-of-time compiles for TPU topologies (XLA's TPU compiler, no TPU): skipped without the
 ``[tpu-aot]`` extra. The CPU-mesh tests cover numerics; these cover compile + memory."""
-import dataclasses
 import importlib.util
 import math
 import pathlib
