@@ -70,7 +70,8 @@ class SchedulerConfig:
     expert_ids_shape: tuple[int, int] | None = None
 
     def __post_init__(self):
-        policies.check_params(self.mode, self.policy_params)  # also checks the mode's name
+        policy_cls = policies.get_policy_class(self.mode)  # checks the mode's name
+        policies.check_params(self.mode, policy_cls, self.policy_params)
         config_lib.check_int("group_size", self.group_size, min_value=1)
         config_lib.check_int("batch_size", self.batch_size, min_value=1)
         config_lib.check(self.batch_size % self.group_size == 0, "batch_size", self.batch_size,
@@ -96,7 +97,7 @@ class SchedulerConfig:
                                                      for n in shape),
                              "expert_ids_shape", self.expert_ids_shape,
                              "must be None or (L_moe, K) with positive ints")
-        policies.get_policy_class(self.mode).validate(self)
+        policy_cls.validate(self)
 
     @property
     def prompts_per_batch(self) -> int:

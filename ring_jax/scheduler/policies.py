@@ -152,9 +152,10 @@ def get_policy_class(mode: str) -> type[SchedulingPolicy]:
     return cls
 
 
-def check_params(mode: str, policy_params: tuple[tuple[str, Any], ...]) -> None:
-    """Validates ``policy_params`` against the declared ``params`` of ``mode``'s policy."""
-    declared = get_policy_class(mode).params
+def check_params(mode: str, policy_cls: type[SchedulingPolicy],
+                 policy_params: tuple[tuple[str, Any], ...]) -> None:
+    """Validates ``policy_params`` against the declared ``params`` of ``mode``'s policy class."""
+    declared = policy_cls.params
     config_lib.check(isinstance(policy_params, tuple) and all(
         isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in policy_params),
         "policy_params", policy_params, "must be (name, value) pairs")
@@ -225,7 +226,7 @@ class Async(SchedulingPolicy):
 
 
 @register_policy("paced")
-class Paced(SchedulingPolicy):
+class Paced(C3PO):
     """C3PO++ with staleness kept by pacing admission instead of purging (issue 14, item 3).
 
     As ``c3po``: Φ = ``token_budget`` new tokens per iteration, unfinished responses carried
@@ -269,11 +270,8 @@ class Paced(SchedulingPolicy):
         value = dict(config.policy_params).get("versions_per_batch", 1)
         config_lib.check_int("policy_params.versions_per_batch", value, min_value=1)
 
-    def max_version_lag(self) -> int:
-        return self.config.sigma_max
-
-    def token_budget(self, view: View) -> int:
-        return self.config.token_budget
+    def groups_to_purge(self, view: View) -> list[int]:
+        return []  # pacing keeps every group within σ_max (class docstring)
 
     def max_pipeline_groups(self, view: View) -> int:
         """Most groups admitted and not yet trained that keep every one within σ_max."""
@@ -293,6 +291,5 @@ class Paced(SchedulingPolicy):
         return self._admissible(view, self.config.max_active_requests - view.num_buffered)
 
     def num_refill_groups(self, view: View, num_in_flight: int, tokens_spent: int) -> int:
-        if tokens_spent >= self.config.token_budget:
-            return 0
-        return self._admissible(view, self.config.max_active_requests - num_in_flight)
+        return min(super().num_refill_groups(view, num_in_flight, tokens_spent),
+                   self._admissible(view, self.config.max_active_requests - num_in_flight))

@@ -24,6 +24,7 @@ field (``rl.loss.alpha=-1.0 is invalid: must be >= 0.0``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Mapping
@@ -218,18 +219,25 @@ class ExperimentConfig:
     def _check_task_lengths(self) -> None:
         """Prompts that cannot fit scheduler.max_seq_len, and SFT examples sft.seq_len would
         cut to nothing, fail now rather than after the SFT stage (`data/length_check.py`)."""
-        from ring_jax.data import length_check, tasks
-        from ring_jax.data.tokenizer import get_tokenizer
-        length_check.check_task_lengths(
-            tasks.get(self.task.name, **dict(self.task.kwargs)),
-            get_tokenizer(self.task.tokenizer),
-            # The streams the run draws problems with: RL prompts, and the fixed evaluation
-            # set's draw (`evaluate.EVAL_SET_SEED` = 0) of the held-out split.
-            seeds=(self.seeds.resolve(self.seed).prompts, 0), thinking=self.task.thinking,
-            max_seq_len=self.scheduler.max_seq_len,
-            sft_seq_len=self.sft.seq_len if self.sft.num_steps else 0,
-            sft_seed=self.seeds.resolve(self.seed).sft,
-            sft_thinking=self.sft.thinking)
+        seeds = self.seeds.resolve(self.seed)
+        # The streams the run draws problems with: RL prompts, and the fixed evaluation set's
+        # draw (`evaluate.EVAL_SET_SEED` = 0) of the held-out split.
+        _check_task_lengths(self.task, (seeds.prompts, 0), self.scheduler.max_seq_len,
+                            self.sft.seq_len if self.sft.num_steps else 0, seeds.sft,
+                            self.sft.thinking)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_task_lengths(task: TaskConfig, seeds: tuple[int, int], max_seq_len: int,
+                        sft_seq_len: int, sft_seed: int, sft_thinking: bool) -> None:
+    """`length_check.check_task_lengths` once per distinct input: a config is rebuilt several
+    times per launch (`derive`, `dataclasses.replace`), the scan tokenizes hundreds of prompts."""
+    from ring_jax.data import length_check, tasks
+    from ring_jax.data.tokenizer import get_tokenizer
+    length_check.check_task_lengths(
+        tasks.get(task.name, **dict(task.kwargs)), get_tokenizer(task.tokenizer),
+        seeds=seeds, thinking=task.thinking, max_seq_len=max_seq_len, sft_seq_len=sft_seq_len,
+        sft_seed=sft_seed, sft_thinking=sft_thinking)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -178,17 +178,16 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
     return rl_train_step
 
 
-def jit_rl_train_step(model, tx: optax.GradientTransformation, rl_cfg: Any, *,
-                      donate_state: bool = False) -> Callable:
+def jit_rl_train_step(model, tx: optax.GradientTransformation, rl_cfg: Any) -> Callable:
     """The jitted train step as `rl_loop` runs it (and `ring_jax.plan` compiles it), built from
-    an ``RLConfig`` (`ring_jax.train.experiment`). ``donate_state`` lets XLA update the state's
-    buffers in place (the caller must not read the old state after the call)."""
+    an ``RLConfig`` (`ring_jax.train.experiment`). The state is not donated: the engine may hold
+    the very router arrays the state owns (an unchanged jit input comes back as itself)."""
     step_fn = make_rl_train_step(
         model, tx, rl_cfg.loss, num_minibatches=rl_cfg.num_minibatches,
         router_bias_rate=rl_cfg.router_bias_rate, router_replay=rl_cfg.router_replay,
         logprob_chunk=rl_cfg.logprob_chunk, optim_cfg=rl_cfg.optim,
         num_microbatches=rl_cfg.num_microbatches)
-    return jax.jit(step_fn, donate_argnums=0 if donate_state else ())
+    return jax.jit(step_fn)
 
 
 def _row_mean(values_B: jax.Array, loss_mask_BT: jax.Array) -> jax.Array:
