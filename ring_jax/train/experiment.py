@@ -39,6 +39,7 @@ from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.scheduler.config import SchedulerConfig
+from ring_jax.train import evaluate
 from ring_jax.train import init_from as init_from_lib
 from ring_jax.train.checkpoint import CheckpointConfig
 from ring_jax.train.derive import SeedStreams, derive  # noqa: F401  (experiment.derive)
@@ -221,8 +222,9 @@ class ExperimentConfig:
         cut to nothing, fail now rather than after the SFT stage (`data/length_check.py`)."""
         seeds = self.seeds.resolve(self.seed)
         # The streams the run draws problems with: RL prompts, and the fixed evaluation set's
-        # draw (`evaluate.EVAL_SET_SEED` = 0) of the held-out split.
-        _check_task_lengths(self.task, (seeds.prompts, 0), self.scheduler.max_seq_len,
+        # draw of the held-out split.
+        _check_task_lengths(self.task, (seeds.prompts, evaluate.EVAL_SET_SEED),
+                            self.scheduler.max_seq_len,
                             self.sft.seq_len if self.sft.num_steps else 0, seeds.sft,
                             self.sft.thinking)
 

@@ -16,7 +16,7 @@ import os
 import zlib
 from typing import Any
 
-from ring_jax.config import check, check_float, check_one_of, fail
+from ring_jax.config import check, fail
 from ring_jax.data.tasks.base import PromptRecord, Task
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -101,9 +101,6 @@ _JSON_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a l
                dict: "an object", bool: "a boolean", type(None): "null"}
 
 
-SPLITS = ("train", "eval", "all")
-
-
 def _row_hash(row: dict[str, Any]) -> int:
     return zlib.crc32(json.dumps(row, sort_keys=True, default=str).encode())
 
@@ -123,16 +120,12 @@ class FileTask(Task):
     path: str = ""
     levels: tuple[int, ...] | None = None
     level_key: str = "level"
-    eval_fraction: float = 0.1
-    split: str = "train"
 
     def __post_init__(self):
         super().__post_init__()
         check(os.path.exists(self.resolved_path), "path", self.path, "must be an existing file")
-        check_float("eval_fraction", self.eval_fraction, min_value=0.0, max_value=1.0)
         check(self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction,
               "must be < 1 (training needs rows)")
-        check_one_of("split", self.split, SPLITS)
         check(len(self._level_rows) > 0, "levels", self.levels, "must keep at least one row")
         check(len(self.rows) > 0, "eval_fraction", self.eval_fraction,
               f"leaves split={self.split!r} of {self.resolved_path} without rows "
@@ -167,13 +160,6 @@ class FileTask(Task):
         cutoff = sorted(hashes)[num_eval - 1]  # rows hashing <= cutoff are held out
         held_out = self.split == "eval"
         return [r for r, h in zip(rows, hashes) if (h <= cutoff) == held_out]
-
-    def held_out(self) -> FileTask:
-        """The held-out rows (split "eval"); with split="all" or eval_fraction=0 there are none,
-        and evaluation uses the training rows themselves."""
-        if self.split == "all" or self.eval_fraction == 0:
-            return self
-        return dataclasses.replace(self, split="eval")
 
     @property
     def num_examples(self) -> int:
