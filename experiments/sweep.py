@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +53,10 @@ STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "train/grad_norm",
                  "mismatch/masked_frac_above", "mismatch/masked_frac_below",
                  "rl/entropy_all_tokens", "rl/entropy_masked_tokens", "moe/dropped_frac")
 LAST_EVALS = 4  # evaluations averaged per seed besides the final one
+# Metric-name prefixes a committed extract keeps (besides the config's STUDY_METRICS and
+# EXTRACT_KEYS): what final_table, plot_groups and the stats readouts read.
+EXTRACT_PREFIXES = ("step", "eval/", "time/", "sched/total/", "train/grad_norm", "mismatch/",
+                    "rl/reward", "rl/entropy", "moe/dropped_frac")
 
 
 def load_sweep(config: str) -> tuple[str, list[dict], dict]:
@@ -71,6 +77,7 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
                   baseline=getattr(module, "BASELINE", None),
                   readouts=getattr(module, "READOUTS", {}),
                   extra_table=getattr(module, "extra_table", None))
+    report["extract_keys"] = tuple(report["metrics"]) + tuple(getattr(module, "EXTRACT_KEYS", ()))
     return path, module.get_sweep(size), report
 
 
@@ -173,6 +180,34 @@ def _digits(key: str) -> int:
         "rl_s", "purged") else 3
 
 
+def _significant(value, digits: int = 7):
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
+def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = ()) -> list[str]:
+    """Copies each finished run of ``runs`` from ``root`` to ``out/<name>/`` compactly: its
+    config.json and DONE marker as they are, its metrics.jsonl restricted to the keys starting
+    with one of `EXTRACT_PREFIXES` or listed in ``keys``, floats rounded to 7 significant digits
+    (tables print 3-4). Returns the run names written."""
+    written = []
+    for run in runs:
+        src, dst = os.path.join(root, run["name"]), os.path.join(out, run["name"])
+        if not os.path.exists(os.path.join(src, DONE_MARKER)):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        for name in ("config.json", DONE_MARKER):
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        with open(os.path.join(dst, "metrics.jsonl"), "w") as f:
+            for record in plot.read_metrics(src):
+                kept = {k: _significant(v) for k, v in record.items()
+                        if k.startswith(EXTRACT_PREFIXES) or k in keys}
+                if len(kept) > 1:  # more than the step
+                    f.write(json.dumps(kept, separators=(",", ":")) + "\n")
+        written.append(run["name"])
+    return written
+
+
 def final_table(groups: dict[str, list[str]], last: int = 10,
                 metrics: Sequence[str] = STUDY_METRICS, last_evals: int = LAST_EVALS,
                 baseline: str | None = None,
@@ -271,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", default="", help="comma-separated arm labels (default: all)")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
     parser.add_argument("--plot_only", action="store_true", help="only draw the figures")
+    parser.add_argument("--extract", default="",
+                        help="write compact, committable copies of the finished runs here")
     parser.add_argument("--baseline", default="",
                         help="arm label the others are paired against (default: the config's "
                              "BASELINE, else the first arm)")
@@ -284,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         run_all(config_path, runs, args.root)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
+    extract_keys = report.pop("extract_keys")
+    if args.extract:
+        names = extract_runs(runs, args.root, args.extract, extract_keys)
+        print(f"extracted {len(names)} runs into {args.extract}", flush=True)
     for summary in plot_studies(runs, args.root, args.figures, window=args.smooth, **report):
         print(f"{summary}:\n{open(summary).read()}", flush=True)
     return 0

@@ -72,3 +72,28 @@ def _rows(lines):
              if ln.startswith("| ")]
     header = table[0]
     return {cells[0]: dict(zip(header, cells)) for cells in table[1:]}
+
+
+def test_extract_regenerates_the_same_table(tmp_path):
+    # A committed extract keeps what the table reads: the table from the extract equals the
+    # table from the full runs, and keys no table reads are dropped.
+    root, out = tmp_path / "runs", tmp_path / "extract"
+    runs = []
+    for label, final in (("base", 0.4), ("arm", 0.5)):
+        for s in range(2):
+            name = f"{label}_s{s}"
+            _write_run(str(root / name), {0: 0.1, 5: final + 0.1 * s / 3}, [1.0 / 3] * 6)
+            with open(root / name / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 6, "debug/unread": 1.0}) + "\n")
+            open(root / name / sweep.DONE_MARKER, "w").close()
+            runs.append({"name": name, "label": label, "study": "s", "init": "", "arg": ""})
+    runs.append({"name": "unfinished_s0", "label": "x", "study": "s", "init": "", "arg": ""})
+    assert sweep.extract_runs(runs, str(root), str(out)) == [r["name"] for r in runs[:-1]]
+
+    def table(directory):
+        return sweep.final_table({label: [str(directory / f"{label}_s{s}") for s in range(2)]
+                                  for label in ("base", "arm")}, last=3)
+    assert table(out) == table(root)
+    extracted = open(out / "arm_s1" / "metrics.jsonl").read()
+    assert "debug/unread" not in extracted and "eval/pass@1" in extracted
+    assert "0.3333333," in extracted  # 7 significant digits
