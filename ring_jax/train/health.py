@@ -1,6 +1,8 @@
 """Stop a run whose loss or parameters stay non-finite, before it saves the damage.
 
-The optimizer already skips a single update with a non-finite gradient (`optim.py`). When the
+The optimizer already skips a single update with a non-finite gradient (`optim.py`). The jitted
+train steps report ``train/params_finite`` (`integrity.all_finite` of the updated parameters,
+computed inside the step, so checking costs no extra pass over the weights). When the
 loss or the parameters stay NaN/inf for `max_consecutive` steps in a row (the run has
 diverged or its state is poisoned), the loop raises `NonFiniteError` *before* saving that
 step, so no NaN checkpoint rotates out the good ones (retention additionally keeps the newest
@@ -10,10 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
-
-from ring_jax.train import integrity
-
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +31,10 @@ class NonFiniteGuard:
         self.stage = stage
         self.streak = 0
 
-    def check(self, step: int, loss: float, params: Any) -> None:
-        """Call after each step, before saving it; raises `NonFiniteError` at the limit."""
-        finite = math.isfinite(float(loss)) and integrity.tree_all_finite(params)
+    def check(self, step: int, loss: float, params_finite: float) -> None:
+        """Call after each step, before saving it, with the step's loss and its
+        ``train/params_finite`` metric; raises `NonFiniteError` at the limit."""
+        finite = math.isfinite(float(loss)) and bool(params_finite)
         self.streak = 0 if finite else self.streak + 1
         if not self.streak:
             return

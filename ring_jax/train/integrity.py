@@ -85,9 +85,6 @@ def _summarise(leaves: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
     return [_fingerprint(x) for x in leaves], _finite(leaves)
 
 
-_all_finite = jax.jit(_finite)
-
-
 def _array_leaves(tree: Any) -> list[tuple[str, Any]]:
     """(path string, leaf) of every array leaf, in tree order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -134,12 +131,10 @@ def summarise_state(state: Any) -> tuple[dict[str, list], bool]:
              for (path, x), fp in zip(named, fingerprints)}, finite)
 
 
-def tree_all_finite(tree: Any) -> bool:
-    """Whether every floating-point leaf of `tree` is finite (one jitted reduction per set of
-    devices holding leaves)."""
-    leaves = [x for _, x in _array_leaves(tree)]
-    return all(bool(_host(_all_finite([leaves[i] for i in indices])))
-               for indices in _by_device_set(leaves).values())
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite: a bool scalar, traceable, so a
+    jitted train step reports it among its metrics (no extra pass over the weights)."""
+    return _finite([x for _, x in _array_leaves(tree)])
 
 
 def sha256_array(x: np.ndarray) -> str:

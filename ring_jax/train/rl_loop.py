@@ -231,7 +231,7 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
                 metrics.update(final_eval)
             # Metrics of a step are written before its checkpoint, so a resume never loses them.
             writer.write(step, metrics)
-            guard.check(step, metrics["train/loss"], state["params"])  # raises before saving
+            guard.check(step, metrics["train/loss"], metrics["train/params_finite"])  # raises before saving
             preempted = stop.should_stop()   # SIGTERM: save this step, then exit
             if ckpt.due(step) or is_last or preempted:
                 ckpt.save(step, state=state, arrays=batches.get_state(),

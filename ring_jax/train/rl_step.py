@@ -28,7 +28,7 @@ import optax
 
 from ring_jax.rl import logprobs as logprobs_lib
 from ring_jax.rl import losses
-from ring_jax.train import optim
+from ring_jax.train import integrity, optim
 from ring_jax.train import router_bias
 
 RLState = dict  # {"step", "params", "opt_state", "router"}
@@ -160,6 +160,7 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
             "train/grad_norm": grad_norm_M.mean(),
             "train/grad_norm_max": grad_norm_M.max(),
             "train/skipped_steps": optim.skipped_steps(opt_state),
+            "train/params_finite": integrity.all_finite(params).astype(jnp.float32),
             "train/response_tokens": batch["loss_mask_BT"].sum(),
             "rl/reward_mean": _row_mean(batch["rewards_B"], batch["loss_mask_BT"]),
             "rl/advantage_abs_mean": _row_mean(jnp.abs(batch["advantages_B"]),

@@ -33,7 +33,7 @@ import optax
 
 from ring_jax import config as config_lib
 from ring_jax.train import checkpoint as checkpoint_lib
-from ring_jax.train import health
+from ring_jax.train import health, integrity
 from ring_jax.train import metrics as metrics_lib
 from ring_jax.train import optim, preemption
 from ring_jax.train import router_bias
@@ -256,6 +256,7 @@ def make_sft_train_step(model, tx: optax.GradientTransformation, cfg: SFTConfig,
                    "sft/fill": jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32)),
                    "train/grad_norm": optax.global_norm(grads),
                    "train/skipped_steps": optim.skipped_steps(opt_state),
+                   "train/params_finite": integrity.all_finite(params).astype(jnp.float32),
                    "moe/z_loss": aux["moe/z_loss"], "moe/dropped_frac": aux["moe/dropped_frac"]}
         if optim_cfg is not None:
             metrics["train/lr"] = optim.current_learning_rate(optim_cfg, state["opt_state"])
@@ -327,7 +328,7 @@ def train_sft(model, task, tokenizer, directory: str | os.PathLike, cfg: SFTConf
                 metrics["sft/truncated_examples"] = data.truncated
                 # Metrics of a step are written before its checkpoint (see metrics.py).
                 writer.write(step, metrics)
-                guard.check(step, metrics["sft/loss"], state["params"])  # raises before saving
+                guard.check(step, metrics["sft/loss"], metrics["train/params_finite"])  # raises before saving
                 preempted = stop is not None and stop.should_stop()
                 if ckpt.due(step) or step == cfg.num_steps or preempted:
                     ckpt.save(step, state=state, meta={"data": data.get_state(), "stage": "sft"})

@@ -1,14 +1,23 @@
 """NonFiniteGuard: a run stops at the N-th consecutive non-finite step, before saving it."""
 import logging
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from ring_jax.train import health
+from ring_jax.train import health, integrity
 
-GOOD = {"w": jnp.ones((3,)), "b": jnp.zeros((2,), jnp.bfloat16), "n": jnp.arange(2)}
-NAN_PARAMS = {"w": jnp.array([1.0, jnp.nan, 1.0]), "b": jnp.zeros((2,), jnp.bfloat16),
-              "n": jnp.arange(2)}
+GOOD, NAN_PARAMS = 1.0, 0.0   # the step's train/params_finite metric
+
+
+def test_all_finite_inside_jit_reads_floating_leaves_only():
+    good = {"w": jnp.ones((3,)), "b": jnp.zeros((2,), jnp.bfloat16), "n": jnp.arange(2)}
+    all_finite = jax.jit(integrity.all_finite)
+    assert bool(all_finite(good))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert not bool(all_finite({**good, "w": jnp.array([1.0, bad, 1.0])}))
+    assert not bool(all_finite({**good, "b": jnp.full((2,), jnp.nan, jnp.bfloat16)}))
+    assert bool(all_finite({"n": jnp.arange(2)}))   # no floating leaf: nothing can be NaN
 
 
 def test_streak_of_n_stops_and_a_finite_step_resets(caplog):

@@ -129,6 +129,16 @@ def test_nonfinite_gradient_is_skipped_and_counted(state, step_fn):
     new_state, metrics = step_fn(state, batch)
     assert int(metrics["train/skipped_steps"]) == 2
     jax.tree.map(np.testing.assert_array_equal, new_state["params"], state["params"])
+    assert metrics["train/params_finite"] == 1.0   # skipped updates keep the weights finite
+
+
+def test_step_reports_poisoned_parameters(state, step_fn):
+    # The NonFiniteGuard reads this metric: a NaN weight must show up in it.
+    poisoned = jax.tree.map(lambda x: x, state)
+    poisoned["params"] = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
+                                      state["params"])
+    _, metrics = step_fn(poisoned, _batch())
+    assert metrics["train/params_finite"] == 0.0
 
 
 def test_padding_rows_do_not_change_the_update(state):
