@@ -77,7 +77,8 @@ class Param:
         return value
 
 
-def _as_param(spec: Any) -> Param:
+def as_param(spec: Any) -> Param:
+    """A `Param` from the shorthand of the module docstring (a Param, a bare type, a default)."""
     if isinstance(spec, Param):
         return spec
     if isinstance(spec, type):
@@ -103,7 +104,7 @@ class Registry:
     def register(self, name: str, params: Mapping[str, Any] | None = None
                  ) -> Callable[[Callable], Callable]:
         """Decorator: registers ``fn`` as ``name`` with ``params`` (see the module docstring)."""
-        declared = {key: _as_param(spec) for key, spec in (params or {}).items()}
+        declared = {key: as_param(spec) for key, spec in (params or {}).items()}
 
         def register(fn: Callable) -> Callable:
             if name in self._entries:
@@ -141,30 +142,38 @@ class Registry:
         """The parameters of ``name`` as sorted (key, value) pairs, checked against its
         declaration, with defaults filled in. ``given``: such pairs or a mapping; ``field``: the
         config field that holds them (named in errors as ``field.key``)."""
-        if isinstance(given, Mapping):
-            given = tuple(given.items())
-        config_lib.check(
-            isinstance(given, tuple) and all(isinstance(p, tuple) and len(p) == 2
-                                             and isinstance(p[0], str) for p in given),
-            field, given, "must be a mapping of parameter names to values")
-        declared = self.get(name).params
-        values = dict(given)
-        for key in values:
-            if key not in declared:
-                raise config_lib.ConfigError(
-                    f"{field}.{key} is not a parameter of {self.kind} {name!r}; its "
-                    f"parameters: {sorted(declared) or 'none'}")
-        resolved = {}
-        for key, param in declared.items():
-            if key in values:
-                resolved[key] = param.check(f"{field}.{key}", values[key])
-            elif param.required:
-                raise config_lib.ConfigError(
-                    f"{field}.{key} is missing: {self.kind} {name!r} needs it "
-                    f"({param.type.__name__})")
-            else:
-                resolved[key] = param.default
-        return tuple(sorted(resolved.items()))
+        return resolve_params(self.get(name).params, given, field, f"{self.kind} {name!r}")
+
+
+def resolve_params(declared: Mapping[str, Any], given: Any, field: str, owner: str
+                   ) -> tuple[tuple[str, Any], ...]:
+    """``given`` (a mapping or (key, value) pairs held by the config field ``field``) checked
+    against ``declared`` ({key: Param or shorthand} of ``owner``, e.g. "policy 'paced'"): sorted
+    (key, value) pairs with the defaults filled in; one `ConfigError` line naming
+    ``field.key`` for an unknown, missing or mistyped parameter."""
+    declared = {key: as_param(spec) for key, spec in declared.items()}
+    if isinstance(given, Mapping):
+        given = tuple(given.items())
+    config_lib.check(
+        isinstance(given, tuple) and all(isinstance(p, tuple) and len(p) == 2
+                                         and isinstance(p[0], str) for p in given),
+        field, given, "must be a mapping of parameter names to values")
+    values = dict(given)
+    for key in values:
+        if key not in declared:
+            raise config_lib.ConfigError(
+                f"{field}.{key} is not a parameter of {owner}; its "
+                f"parameters: {sorted(declared) or 'none'}")
+    resolved = {}
+    for key, param in declared.items():
+        if key in values:
+            resolved[key] = param.check(f"{field}.{key}", values[key])
+        elif param.required:
+            raise config_lib.ConfigError(
+                f"{field}.{key} is missing: {owner} needs it ({param.type.__name__})")
+        else:
+            resolved[key] = param.default
+    return tuple(sorted(resolved.items()))
 
 
 def param_value(params: tuple[tuple[str, Any], ...], key: str, kind: str, name: str) -> Any:

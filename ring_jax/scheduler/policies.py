@@ -30,8 +30,9 @@ A new policy is one registered class plus config (``paced`` below is a complete 
         def num_new_groups(self, view): return 0 if view.num_buffered else self.params["groups"]
 
 selected with ``scheduler.mode="trickle"`` once its module is imported, or, with no import
-anywhere, ``scheduler.mode="my_project.policies:Trickle"``; `SchedulingPolicy.validate` checks
-its params' ranges when the config is built.
+anywhere, ``scheduler.mode="my_project.policies:Trickle"``. Its params (defaults, or
+`registry.Param`s with ranges, as a correction's) are checked when the config is built, and
+`SchedulingPolicy.validate` checks what else the policy needs of the config.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from ring_jax import config as config_lib
+from ring_jax.rl import registry
 
 if TYPE_CHECKING:  # the config imports this module to validate ``mode``
     from ring_jax.scheduler.config import SchedulerConfig
@@ -71,8 +73,8 @@ class View:
 class SchedulingPolicy:
     """Base class and protocol of a scheduling policy (module docstring).
 
-    ``params`` declares the policy's own settings with their defaults; their types are the
-    defaults' types (an int is accepted where the default is a float).
+    ``params`` declares the policy's own settings as `registry.Param`s or their shorthand (a
+    default, whose type is the parameter's; an int is accepted where the default is a float).
     `SchedulerConfig.policy_params` overrides them and is validated when the config is built.
     """
 
@@ -82,7 +84,8 @@ class SchedulingPolicy:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.params = {**type(self).params, **dict(config.policy_params)}
+        self.params = dict(registry.resolve_params(type(self).params, config.policy_params,
+                                                   "policy_params", f"policy {self.name!r}"))
 
     @classmethod
     def validate(cls, config: SchedulerConfig) -> None:
@@ -154,21 +157,9 @@ def get_policy_class(mode: str) -> type[SchedulingPolicy]:
 
 def check_params(mode: str, policy_cls: type[SchedulingPolicy],
                  policy_params: tuple[tuple[str, Any], ...]) -> None:
-    """Validates ``policy_params`` against the declared ``params`` of ``mode``'s policy class."""
-    declared = policy_cls.params
-    config_lib.check(isinstance(policy_params, tuple) and all(
-        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in policy_params),
-        "policy_params", policy_params, "must be (name, value) pairs")
-    for key, value in policy_params:
-        if key not in declared:
-            config_lib.fail(f"policy_params.{key}", value,
-                            f"not a parameter of policy {mode!r}; its parameters: "
-                            f"{sorted(declared)}")
-        default = declared[key]
-        kind = (int, float) if isinstance(default, float) else type(default)
-        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, kind):
-            config_lib.fail(f"policy_params.{key}", value,
-                            f"must be of type {type(default).__name__} (policy {mode!r})")
+    """Validates ``policy_params`` against the declared ``params`` of ``mode``'s policy class
+    (`registry.resolve_params`: the rules and messages of corrections' parameters)."""
+    registry.resolve_params(policy_cls.params, policy_params, "policy_params", f"policy {mode!r}")
 
 
 # ------------------------------------------------------------------------------------ built-ins
@@ -263,12 +254,7 @@ class Paced(C3PO):
     that no batch is taken while an iteration admits.
     """
 
-    params = {"versions_per_batch": 1}
-
-    @classmethod
-    def validate(cls, config: SchedulerConfig) -> None:
-        value = dict(config.policy_params).get("versions_per_batch", 1)
-        config_lib.check_int("policy_params.versions_per_batch", value, min_value=1)
+    params = {"versions_per_batch": registry.Param(int, 1, min_value=1)}
 
     def groups_to_purge(self, view: View) -> list[int]:
         return []  # pacing keeps every group within σ_max (class docstring)

@@ -116,10 +116,10 @@ def test_mode_by_module_path_without_registration():
 
 
 @pytest.mark.parametrize("params,message", [
-    ((("groups_per_iteraton", 2),), "policy_params.groups_per_iteraton=2 is invalid: not a "
-                                    "parameter of policy 'test_trickle'"),
-    ((("budget", 2.5),), "policy_params.budget=2.5 is invalid: must be of type int"),
-    ((("budget", True),), "policy_params.budget=True is invalid: must be of type int"),
+    ((("groups_per_iteraton", 2),), "policy_params.groups_per_iteraton is not a parameter of "
+                                    "policy 'test_trickle'; its parameters"),
+    ((("budget", 2.5),), "policy_params.budget=2.5 is invalid: must be an int"),
+    ((("budget", True),), "policy_params.budget=True is invalid: must be an int"),
 ])
 def test_bad_policy_params_fail_with_the_field_name(params, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
