@@ -52,9 +52,10 @@ are arm − baseline per seed with a 10,000-resample bootstrap 95% CI and a sign
 * ``collapse step``: the first of 2 consecutive evaluations below 0.5 × the run's best so far
   (`stats.collapse_readout`); "never" otherwise.
 * ``grad spikes``: steps whose ``train/grad_norm_max`` (pre-clip) exceeds 20 × its running median.
-* ``|Δlogp| slope``: least-squares slope of ``mismatch/abs_logp_diff_mean`` per 100 steps (does
-  the gap grow?); ``masked ‰`` and ``masked ‰ slope``: the run's mean fraction of tokens masked
-  by the correction (IcePop: outside [α, β]; the paper: ~1-2‰, rising) and its slope per 100 steps.
+* ``|Δlogp| slope ×10³``: 1000 × the least-squares slope of ``mismatch/abs_logp_diff_mean`` per
+  100 steps (does the gap grow?); ``masked ‰`` and ``masked ‰ slope``: the run's mean fraction of
+  tokens masked by the correction (IcePop: outside [α, β]; the paper: ~1-2‰, rising) and its
+  slope per 100 steps.
 
 Verdicts, with Δ the paired difference of the last-4-evals pass@1 and its 95% CI, and the
 equivalence margin ``MARGIN`` = 0.03 (≈ one standard error of one 256-problem evaluation at
@@ -77,7 +78,30 @@ Dose pilot (run before the main study, then the dose frozen in ``DOSE``)
 Seed 0, the main study's settings, the fp32 control and ``none`` at doses `PILOT_DOSES`; the plan:
 take the smallest dose at which ``none`` ends (last 4 evaluations) below the control while the
 control itself does not degrade. If none does, take the largest dose tried and report "none never
-fell below the control at any dose tried". Result: PILOT RESULT PENDING.
+fell below the control at any dose tried".
+
+Result (seed 0, run 14:08-14:22 UTC on 2026-12-02, before any main-study mismatch run finished;
+extracts in experiments/results/stability_pilot/). Note: in the pilot, ``eval/pass@1`` was the
+*sampled* accuracy through the run's engine, not the greedy fp32 one: with ``eval.num_samples=1``
+`evaluate.evaluate` overwrote the greedy pass@1 with the sampled "pass@1" (fixed before the main
+runs; tests/train/test_evaluate.py). The greedy fp32 decode's mean reward (``eval/greedy_reward``,
+unaffected) gives the same verdicts and collapse steps, except σ = 0.6 (125 instead of 75). Steps
+0 / 100 / 200 / 225 / 250 / 275 / 300, sampled pass@1 | greedy reward; the collapse step (rule
+above, on sampled pass@1); mean |Δlogp| over the first 25 steps → over the last 25 steps run:
+
+    control (fp32)  .199 .457 .414 .344 .395 .395 .285 | .391 .578 .480 .406 .449 .461 .371
+                    never collapses; |Δlogp| 0 → 0
+    none σ = 0.1    .203 .387 .301 .043 .090 .082 .117 | .391 .508 .383 .066 .094 .102 .168
+                    collapses at 225; |Δlogp| 0.014 → 0.059
+    none σ = 0.3    .191 .270 .051 .008 | .391 .383 .055 .008 (stopped at step 225)
+                    collapses at 200; |Δlogp| 0.079 → 0.48
+    none σ = 0.6    .137 .074 .000 | .391 .211 .000 (stopped at step 204)
+                    collapses at 75; |Δlogp| 0.23 → 3.2
+
+The smallest dose tried, σ = 0.1, meets the rule (``none`` collapses at step 225, the control does
+not), so ``DOSE = 0.1`` is frozen. The gap compounds: at σ = 0.1 the mean |Δlogp| grows ~4× over
+the run, from the bf16-level 0.014 to the ≈ 0.05 the IcePop blog names as the failure level;
+larger doses collapse earlier. (σ = 0.3 and 0.6 were stopped once σ = 0.1 had met the rule.)
 
 Size and runtime
 ----------------
@@ -113,11 +137,12 @@ from experiments import common
 from ring_jax.train.experiment import complete, parse_config_arg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ci_figures  # noqa: E402  (experiments/ci_figures.py, beside this file)
 import stats  # noqa: E402  (experiments/stats.py, beside this file)
 
 SEEDS = (0, 1, 2, 3, 4)
-DOSE = 0.1  # PILOT RESULT PENDING
-PILOT_DOSES = (0.1, 0.3)
+DOSE = 0.1  # frozen by the dose pilot (module docstring)
+PILOT_DOSES = (0.1, 0.3, 0.6)
 MARGIN = 0.03  # the equivalence margin of the verdict rules (module docstring)
 ARMS = {
     "control": "correction=none,fp32",
@@ -151,10 +176,27 @@ def _per_mille_readout(per_steps: float | None) -> stats.Readout:
     return readout
 
 
+def _times_1000(readout: stats.Readout) -> stats.Readout:
+    """``readout`` × 1000: table.md prints readouts with one decimal, and a |Δlogp| slope is
+    ~0.01 per 100 steps."""
+    def scaled(records):
+        value = readout(records)
+        return None if value is None else 1000.0 * value
+    scaled.description = readout.description + ", × 1000"
+    return scaled
+
+
+def extra_figures(groups: dict[str, list[str]], out_dir: str, baseline: str | None) -> None:
+    """sweep.py's hook: the curves with bootstrap 95% bands and the paired differences against
+    the study's baseline (`ci_figures.plot_ci`), besides plot.py's mean ± std figures."""
+    ci_figures.plot_ci(groups, out_dir, STUDY_METRICS, baseline)
+
+
 READOUTS = {
     "collapse step": stats.collapse_readout("eval/pass@1", fraction=0.5, consecutive=2),
     "grad spikes": stats.spike_readout("train/grad_norm_max", factor=20.0),
-    "|Δlogp| slope": stats.slope_readout("mismatch/abs_logp_diff_mean", per_steps=100.0),
+    "|Δlogp| slope ×10³": _times_1000(
+        stats.slope_readout("mismatch/abs_logp_diff_mean", per_steps=100.0)),
     "masked ‰": _per_mille_readout(None),
     "masked ‰ slope": _per_mille_readout(100.0),
 }

@@ -64,8 +64,9 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
     ``STUDY_METRICS`` (the curves drawn and tabulated), ``TIME_KEY`` (the wall-clock axis),
     ``TABLE_LAST`` (steps averaged per seed in table.md), ``LAST_EVALS`` (evaluations averaged
     per seed), ``BASELINE`` (the arm label the others are paired against, or {study: label}),
-    ``READOUTS`` ({name: fn(records) -> float | None}, declared before the runs) and
-    ``extra_table(groups) -> str`` (markdown appended to table.md); defaults: study 2's."""
+    ``READOUTS`` ({name: fn(records) -> float | None}, declared before the runs),
+    ``extra_table(groups) -> str`` (markdown appended to table.md) and
+    ``extra_figures(groups, out_dir, baseline)`` (more figures per study); defaults: study 2's."""
     path, _, size = config.partition(":")
     spec = importlib.util.spec_from_file_location("_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -76,7 +77,8 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
                   last_evals=getattr(module, "LAST_EVALS", LAST_EVALS),
                   baseline=getattr(module, "BASELINE", None),
                   readouts=getattr(module, "READOUTS", {}),
-                  extra_table=getattr(module, "extra_table", None))
+                  extra_table=getattr(module, "extra_table", None),
+                  extra_figures=getattr(module, "extra_figures", None))
     report["extract_keys"] = tuple(report["metrics"]) + tuple(getattr(module, "EXTRACT_KEYS", ()))
     return path, module.get_sweep(size), report
 
@@ -272,7 +274,9 @@ def plot_studies(runs: list[dict], root: str, figures: str,
                  time_key: str = "time/elapsed_s", last: int = 10,
                  extra_table: Callable[[dict[str, list[str]]], str] | None = None,
                  last_evals: int = LAST_EVALS, baseline: str | dict | None = None,
-                 readouts: dict[str, stats.Readout] | None = None) -> list[str]:
+                 readouts: dict[str, stats.Readout] | None = None,
+                 extra_figures: Callable[[dict[str, list[str]], str, str | None], object]
+                 | None = None) -> list[str]:
     """One figure set and table.md per study under <figures>/<study>/; returns the table.md
     paths. ``baseline``: the arm label every other arm is paired against, or {study: label}."""
     summaries = []
@@ -285,9 +289,11 @@ def plot_studies(runs: list[dict], root: str, figures: str,
         if groups:
             out_dir = os.path.join(figures, study)
             plot.plot_groups(groups, out_dir, metrics, window, time_key)
+            study_baseline = baseline.get(study) if isinstance(baseline, dict) else baseline
+            if extra_figures is not None:
+                extra_figures(groups, out_dir, study_baseline)
             summaries.append(os.path.join(out_dir, "table.md"))
             with open(summaries[-1], "w") as f:
-                study_baseline = baseline.get(study) if isinstance(baseline, dict) else baseline
                 f.write(final_table(groups, last=last, metrics=metrics, last_evals=last_evals,
                                     baseline=study_baseline, readouts=readouts))
                 if extra_table is not None:
