@@ -85,7 +85,9 @@ extracts in experiments/results/stability_pilot/). Note: in the pilot, ``eval/pa
 *sampled* accuracy through the run's engine, not the greedy fp32 one: with ``eval.num_samples=1``
 `evaluate.evaluate` overwrote the greedy pass@1 with the sampled "pass@1" (fixed before the main
 runs; tests/train/test_evaluate.py). The greedy fp32 decode's mean reward (``eval/greedy_reward``,
-unaffected) gives the same verdicts and collapse steps, except σ = 0.6 (125 instead of 75). Steps
+unaffected, and equal to the greedy pass@1 as this task's reward is 0/1: the main study's
+``control_s0`` reproduces the pilot control's values exactly) gives the same verdicts and
+collapse steps, except σ = 0.6 (125 instead of 75). Steps
 0 / 100 / 200 / 225 / 250 / 275 / 300, sampled pass@1 | greedy reward; the collapse step (rule
 above, on sampled pass@1); mean |Δlogp| over the first 25 steps → over the last 25 steps run:
 
