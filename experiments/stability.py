@@ -161,6 +161,14 @@ STUDY_METRICS = ("eval/pass@1", "rl/reward_mean", "mismatch/abs_logp_diff_mean",
                  "mismatch/abs_logp_diff_max", "mismatch/masked_frac", "train/grad_norm_max",
                  "rl/entropy_all_tokens", "moe/dropped_frac")
 
+# What the committed extracts keep (sweep.py --extract): the keys table.md, the figures and the
+# readouts read, the masked fractions above/below the band, and no per-position mismatch or
+# scheduler counters (a run's full metrics.jsonl is ~2.5× larger).
+EXTRACT_PREFIXES = ("step", "eval/", "time/rl_s", "time/elapsed_s",
+                    "sched/total/purged_responses", "sched/total/trained_responses")
+EXTRACT_KEYS = ("mismatch/masked_frac_above", "mismatch/masked_frac_below", "train/grad_norm",
+                "rl/entropy_masked_tokens", "mismatch/k3_kl")
+
 
 def _per_mille_readout(per_steps: float | None) -> stats.Readout:
     """The run's mean of ``mismatch/masked_frac`` in ‰ (``per_steps`` None) or its least-squares

@@ -80,6 +80,8 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
                   extra_table=getattr(module, "extra_table", None),
                   extra_figures=getattr(module, "extra_figures", None))
     report["extract_keys"] = tuple(report["metrics"]) + tuple(getattr(module, "EXTRACT_KEYS", ()))
+    # A config may narrow what its extracts keep (its tables read only some of it).
+    report["extract_prefixes"] = tuple(getattr(module, "EXTRACT_PREFIXES", EXTRACT_PREFIXES))
     return path, module.get_sweep(size), report
 
 
@@ -186,10 +188,11 @@ def _significant(value, digits: int = 7):
     return float(f"{value:.{digits}g}") if isinstance(value, float) else value
 
 
-def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = ()) -> list[str]:
+def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = (),
+                 prefixes: Sequence[str] = EXTRACT_PREFIXES) -> list[str]:
     """Copies each finished run of ``runs`` from ``root`` to ``out/<name>/`` compactly: its
     config.json and DONE marker as they are, its metrics.jsonl restricted to the keys starting
-    with one of `EXTRACT_PREFIXES` or listed in ``keys``, floats rounded to 7 significant digits
+    with one of ``prefixes`` (default `EXTRACT_PREFIXES`) or listed in ``keys``, floats rounded to 7 significant digits
     (tables print 3-4). Returns the run names written."""
     written = []
     for run in runs:
@@ -203,7 +206,7 @@ def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = ()
         with open(os.path.join(dst, "metrics.jsonl"), "w") as f:
             for record in plot.read_metrics(src):
                 kept = {k: _significant(v) for k, v in record.items()
-                        if k.startswith(EXTRACT_PREFIXES) or k in keys}
+                        if k.startswith(tuple(prefixes)) or k in keys}
                 if len(kept) > 1:  # more than the step
                     f.write(json.dumps(kept, separators=(",", ":")) + "\n")
         written.append(run["name"])
@@ -327,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         run_all(config_path, runs, args.root)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
-    extract_keys = report.pop("extract_keys")
+    extract_keys, extract_prefixes = report.pop("extract_keys"), report.pop("extract_prefixes")
     if args.extract:
-        names = extract_runs(runs, args.root, args.extract, extract_keys)
+        names = extract_runs(runs, args.root, args.extract, extract_keys, extract_prefixes)
         print(f"extracted {len(names)} runs into {args.extract}", flush=True)
     for summary in plot_studies(runs, args.root, args.figures, window=args.smooth, **report):
         print(f"{summary}:\n{open(summary).read()}", flush=True)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ring_jax.train import derive, experiment
@@ -110,3 +111,41 @@ def test_smoke_study_runs_through_the_sweep_into_a_paired_table(tmp_path):
     assert "Paired differences against control" in (figures / "vs_control" / "table.md"
                                                      ).read_text()
     assert (extract / "none_s0" / "metrics.jsonl").exists()
+
+
+def test_the_narrow_extract_regenerates_the_same_table(experiment_file, tmp_path):
+    stability, sweep = experiment_file("stability"), experiment_file("sweep")
+    rng = np.random.default_rng(0)
+    runs = []
+    for label in ("control", "none"):
+        for seed in (0, 1):
+            name = f"{label}_s{seed}"
+            os.makedirs(tmp_path / "root" / name)
+            with open(tmp_path / "root" / name / "metrics.jsonl", "w") as f:
+                for step in range(0, 61):
+                    record = {"step": step, "time/rl_s": float(step), "time/unix": 1e9 + step,
+                              "mismatch/abs_logp_diff_mean/pos_0_23": 0.1,
+                              "sched/total/generated_tokens": 10.0 * step,
+                              "sched/total/trained_responses": 8.0 * step,
+                              "sched/total/purged_responses": 0.0}
+                    record.update({m: float(rng.uniform()) for m in stability.STUDY_METRICS})
+                    if step % 20:
+                        del record["eval/pass@1"]
+                    f.write(json.dumps(record) + "\n")
+            (tmp_path / "root" / name / "SWEEP_DONE").write_text("1 s\n")
+            runs.append(dict(name=name, label=label, study="vs_control"))
+    keys = tuple(stability.STUDY_METRICS) + stability.EXTRACT_KEYS
+    sweep.extract_runs(runs, str(tmp_path / "root"), str(tmp_path / "extract"), keys,
+                       stability.EXTRACT_PREFIXES)
+    kept = json.loads(open(tmp_path / "extract" / "none_s1" / "metrics.jsonl").readline())
+    assert "mismatch/abs_logp_diff_mean/pos_0_23" not in kept and "time/unix" not in kept
+    assert "sched/total/generated_tokens" not in kept and "mismatch/masked_frac" in kept
+    tables = []
+    for root in ("root", "extract"):
+        groups = {label: [str(tmp_path / root / f"{label}_s{s}") for s in (0, 1)]
+                  for label in ("control", "none")}
+        tables.append(sweep.final_table(groups, last=stability.TABLE_LAST,
+                                        metrics=stability.STUDY_METRICS,
+                                        last_evals=stability.LAST_EVALS, baseline="control",
+                                        readouts=stability.READOUTS))
+    assert tables[0] == tables[1]
