@@ -108,9 +108,11 @@ larger doses collapse earlier. (σ = 0.3 and 0.6 were stopped once σ = 0.1 had 
 Size and runtime
 ----------------
 ``local`` (the study): 300 RL steps per run, 5 arms × 5 seeds + 5 SFT warm starts. Measured on
-the shared 2-core CPU: ~0.3 s per RL step and ~2 s per evaluation once compiled; compiling the
-engines and the train step dominates a run's start, so the sweep is run with JAX's persistent
-compilation cache (the command below). ``smoke``: the end-to-end test's size (learns nothing).
+the shared 2-core CPU (load average 20-35, the sweep split by seed into 3-6 parallel processes):
+61 min for the whole study; 155-265 s per SFT, 316-791 s per RL run; ~0.3 s per RL step alone
+(1.5 s median under 6-way sharing), ~3 s per evaluation. Compilation is shared across runs
+through JAX's persistent compilation cache (the command below). ``smoke``: the end-to-end test's
+size (learns nothing). Results and verdicts: experiments/REPRODUCING.md, "Study 2b".
 
 Commands (resumable; one SFT warm start per seed, shared by its arms):
 
