@@ -11,14 +11,17 @@ runs are skipped, so rerunning the command continues where it stopped):
   2-3. stability, sensitivity and the mismatch calibration
                        experiments/sweep.py --config=experiments/icepop.py:local
                                                                       -> <figures>/stability/<study>
+  2b. stability with power (issue 13): control/none/TIS/IcePop/KPop, 5 seeds x 300 steps
+                       experiments/sweep.py --config=experiments/stability.py:local
+                                                                 -> <figures>/stability_v2/<study>
   4. C3PO++ vs sync vs async, Φ and σ_max sweeps
                        experiments/sweep.py --config=experiments/c3po.py:local
                                                                       -> <figures>/c3po/<study>
 
 ``--size=smoke`` runs the same pipeline in minutes for the slow test set: study 1 at its tiny
-size (without the quickstart part), and for studies 2-4 one seed of a few arms at the configs'
-``smoke`` size (which learn nothing). Each stage is its own process; a failing stage stops the
-rest, with its log under <root>/logs/. Timings per stage go to <root>/reproduce_timings.json.
+size (without the quickstart part), and for studies 2-4 (and 2b) one seed of a few arms at the
+configs' ``smoke`` size (which learn nothing). Each stage is its own process; a failing stage stops
+the rest, with its log under <root>/logs/. Timings per stage go to <root>/reproduce_timings.json.
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ def stages(size: str, root: str, figures: str, python: str = sys.executable
             ("icepop", sweep + [f"--config={os.path.join(HERE, 'icepop.py')}:local",
                                 f"--root={os.path.join(root, 'icepop')}",
                                 f"--figures={os.path.join(figures, 'stability')}"]),
+            ("stability", sweep + [f"--config={os.path.join(HERE, 'stability.py')}:local",
+                                   f"--root={os.path.join(root, 'stability')}",
+                                   f"--figures={os.path.join(figures, 'stability_v2')}"]),
             ("c3po", sweep + [f"--config={os.path.join(HERE, 'c3po.py')}:local",
                               f"--root={os.path.join(root, 'c3po')}",
                               f"--figures={os.path.join(figures, 'c3po')}"]),
@@ -63,6 +69,10 @@ def stages(size: str, root: str, figures: str, python: str = sys.executable
                             "--arms=none,icepop,icepop_masked_removed",
                             f"--root={os.path.join(root, 'icepop')}",
                             f"--figures={os.path.join(figures, 'stability')}"]),
+        ("stability", sweep + [f"--config={os.path.join(HERE, 'stability.py')}:smoke",
+                               "--seeds=0", "--arms=control,none",
+                               f"--root={os.path.join(root, 'stability')}",
+                               f"--figures={os.path.join(figures, 'stability_v2')}"]),
         ("c3po", sweep + [f"--config={os.path.join(HERE, 'c3po.py')}:smoke", "--seeds=0",
                           "--arms=sync,c3po", f"--root={os.path.join(root, 'c3po')}",
                           f"--figures={os.path.join(figures, 'c3po')}"]),

@@ -64,8 +64,9 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
     ``STUDY_METRICS`` (the curves drawn and tabulated), ``TIME_KEY`` (the wall-clock axis),
     ``TABLE_LAST`` (steps averaged per seed in table.md), ``LAST_EVALS`` (evaluations averaged
     per seed), ``BASELINE`` (the arm label the others are paired against, or {study: label}),
-    ``READOUTS`` ({name: fn(records) -> float | None}, declared before the runs) and
-    ``extra_table(groups) -> str`` (markdown appended to table.md); defaults: study 2's."""
+    ``READOUTS`` ({name: fn(records) -> float | None}, declared before the runs),
+    ``extra_table(groups) -> str`` (markdown appended to table.md) and
+    ``extra_figures(groups, out_dir, baseline)`` (more figures per study); defaults: study 2's."""
     path, _, size = config.partition(":")
     spec = importlib.util.spec_from_file_location("_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -76,8 +77,11 @@ def load_sweep(config: str) -> tuple[str, list[dict], dict]:
                   last_evals=getattr(module, "LAST_EVALS", LAST_EVALS),
                   baseline=getattr(module, "BASELINE", None),
                   readouts=getattr(module, "READOUTS", {}),
-                  extra_table=getattr(module, "extra_table", None))
+                  extra_table=getattr(module, "extra_table", None),
+                  extra_figures=getattr(module, "extra_figures", None))
     report["extract_keys"] = tuple(report["metrics"]) + tuple(getattr(module, "EXTRACT_KEYS", ()))
+    # A config may narrow what its extracts keep (its tables read only some of it).
+    report["extract_prefixes"] = tuple(getattr(module, "EXTRACT_PREFIXES", EXTRACT_PREFIXES))
     return path, module.get_sweep(size), report
 
 
@@ -184,10 +188,11 @@ def _significant(value, digits: int = 7):
     return float(f"{value:.{digits}g}") if isinstance(value, float) else value
 
 
-def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = ()) -> list[str]:
+def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = (),
+                 prefixes: Sequence[str] = EXTRACT_PREFIXES) -> list[str]:
     """Copies each finished run of ``runs`` from ``root`` to ``out/<name>/`` compactly: its
     config.json and DONE marker as they are, its metrics.jsonl restricted to the keys starting
-    with one of `EXTRACT_PREFIXES` or listed in ``keys``, floats rounded to 7 significant digits
+    with one of ``prefixes`` (default `EXTRACT_PREFIXES`) or listed in ``keys``, floats rounded to 7 significant digits
     (tables print 3-4). Returns the run names written."""
     written = []
     for run in runs:
@@ -201,7 +206,7 @@ def extract_runs(runs: list[dict], root: str, out: str, keys: Sequence[str] = ()
         with open(os.path.join(dst, "metrics.jsonl"), "w") as f:
             for record in plot.read_metrics(src):
                 kept = {k: _significant(v) for k, v in record.items()
-                        if k.startswith(EXTRACT_PREFIXES) or k in keys}
+                        if k.startswith(tuple(prefixes)) or k in keys}
                 if len(kept) > 1:  # more than the step
                     f.write(json.dumps(kept, separators=(",", ":")) + "\n")
         written.append(run["name"])
@@ -272,7 +277,9 @@ def plot_studies(runs: list[dict], root: str, figures: str,
                  time_key: str = "time/elapsed_s", last: int = 10,
                  extra_table: Callable[[dict[str, list[str]]], str] | None = None,
                  last_evals: int = LAST_EVALS, baseline: str | dict | None = None,
-                 readouts: dict[str, stats.Readout] | None = None) -> list[str]:
+                 readouts: dict[str, stats.Readout] | None = None,
+                 extra_figures: Callable[[dict[str, list[str]], str, str | None], object]
+                 | None = None) -> list[str]:
     """One figure set and table.md per study under <figures>/<study>/; returns the table.md
     paths. ``baseline``: the arm label every other arm is paired against, or {study: label}."""
     summaries = []
@@ -285,9 +292,11 @@ def plot_studies(runs: list[dict], root: str, figures: str,
         if groups:
             out_dir = os.path.join(figures, study)
             plot.plot_groups(groups, out_dir, metrics, window, time_key)
+            study_baseline = baseline.get(study) if isinstance(baseline, dict) else baseline
+            if extra_figures is not None:
+                extra_figures(groups, out_dir, study_baseline)
             summaries.append(os.path.join(out_dir, "table.md"))
             with open(summaries[-1], "w") as f:
-                study_baseline = baseline.get(study) if isinstance(baseline, dict) else baseline
                 f.write(final_table(groups, last=last, metrics=metrics, last_evals=last_evals,
                                     baseline=study_baseline, readouts=readouts))
                 if extra_table is not None:
@@ -321,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         run_all(config_path, runs, args.root)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
-    extract_keys = report.pop("extract_keys")
+    extract_keys, extract_prefixes = report.pop("extract_keys"), report.pop("extract_prefixes")
     if args.extract:
-        names = extract_runs(runs, args.root, args.extract, extract_keys)
+        names = extract_runs(runs, args.root, args.extract, extract_keys, extract_prefixes)
         print(f"extracted {len(names)} runs into {args.extract}", flush=True)
     for summary in plot_studies(runs, args.root, args.figures, window=args.smooth, **report):
         print(f"{summary}:\n{open(summary).read()}", flush=True)

@@ -77,8 +77,8 @@ def evaluate(engine, records: Sequence[dict[str, Any]],
              sampling: SamplingParams, num_samples: int, seed: int = 0,
              greedy_engine=None) -> dict[str, float]:
     """``eval/pass@1`` (greedy, on ``greedy_engine`` when given, else ``engine``),
-    ``eval/avg@k`` and ``eval/pass@k`` (k sampled responses per problem at ``sampling`` on
-    ``engine``, request seeds from ``seed``), mean reward, response length and the number of
+    ``eval/avg@k`` and, for k > 1, ``eval/pass@k`` (k sampled responses per problem at
+    ``sampling`` on ``engine``, request seeds from ``seed``), mean reward, response length and the number of
     problems. The engines must be idle."""
     out: dict[str, float] = {"eval/num_problems": float(len(records))}
     greedy = dataclasses.replace(sampling, greedy=True)
@@ -98,6 +98,7 @@ def evaluate(engine, records: Sequence[dict[str, Any]],
             out["eval/greedy_response_tokens"] = float(np.mean(lengths))
         else:
             out[f"eval/avg@{k}"] = float(correct_PK.mean())
-            out[f"eval/pass@{k}"] = float(correct_PK.max(axis=1).mean())
+            if k > 1:  # with one sample, "pass@1" would overwrite the greedy pass@1
+                out[f"eval/pass@{k}"] = float(correct_PK.max(axis=1).mean())
             out["eval/sampled_response_tokens"] = float(np.mean(lengths))
     return out

@@ -51,3 +51,12 @@ def test_greedy_goes_to_the_greedy_engine_and_samples_to_the_run_engine():
     alone = ScriptedEngine(lambda r: True)
     evaluate.evaluate(alone, records, _reward, SamplingParams(), num_samples=1)
     assert sum(r.sampling.greedy for r in alone.requests) == 4
+
+
+def test_one_sample_does_not_overwrite_the_greedy_pass_at_1():
+    records = [{"prompt_id": i, "prompt_tokens": np.asarray([5, 6], np.int32)} for i in range(4)]
+    # Greedy: every problem right; the one sample per problem: all wrong. Before the fix the
+    # sampled "pass@1" (0.0) replaced the greedy one (1.0) when num_samples == 1.
+    out = evaluate.evaluate(ScriptedEngine(lambda r: False), records, _reward, SamplingParams(),
+                            num_samples=1, greedy_engine=ScriptedEngine(lambda r: True))
+    assert out["eval/pass@1"] == 1.0 and out["eval/avg@1"] == 0.0
