@@ -45,7 +45,7 @@ def reshard(variables: Any, shardings: Any) -> Any:
     """
     if shardings is None:
         return variables
-    targets = jax.tree.structure(variables).flatten_up_to(shardings)
-    if not any(needs_transfer(x, s) for x, s in zip(jax.tree.leaves(variables), targets)):
+    engine = jax.tree.leaves(shardings)[0]  # the engine's weights share one mesh
+    if not any(needs_transfer(x, engine) for x in jax.tree.leaves(variables)):
         return variables
     return jax.device_put(variables, shardings)
