@@ -6,8 +6,12 @@ Compiles the experiment's programs ahead of time for the TPU topology and prints
   --program          rl_step | logprob | prefill | decode | all (comma-separated list allowed)
   --mesh             the training mesh, axis=size over (data, fsdp, expert, tensor); default:
                      the config's ``mesh`` section resolved over the topology's devices
-  --engine_mesh      the engine's mesh (default: the training mesh, as one process runs it);
-                     it takes the topology's first devices, e.g. data=4 = one v5p host's chips
+  --engine_mesh      the engine's mesh (default: the config's mesh.engine sizes, else the
+                     training mesh); colocated it takes the topology's first devices (data=4 =
+                     one v5p host's chips: the per-host layout), disaggregated its last ones
+  --placement        colocated | disaggregated | both (default: the config's
+                     mesh.engine.placement): with rl_step and an engine program compiled, a
+                     second table of memory per device under each placement (`plan.placement`)
   --num_layers       compile depths N and N + 1 and extrapolate to the model's depth
   --allow_split_physical_axes   accept mesh axes that split the physical torus (or the
                      config's mesh.allow_split_physical_axes)
@@ -33,6 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4.")
 _MESH = flags.DEFINE_string("mesh", "", "Training mesh, e.g. fsdp=8,expert=8.")
 _ENGINE_MESH = flags.DEFINE_string("engine_mesh", "", "Engine mesh (default: training mesh).")
+_PLACEMENT = flags.DEFINE_enum("placement", None, ["colocated", "disaggregated", "both"],
+                               "Engine placement(s) to report memory for.")
 _PROGRAM = flags.DEFINE_string("program", "all", "rl_step,logprob,prefill,decode or all.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Compile this depth and one more, "
                                    "extrapolate to the model's depth.")
@@ -45,7 +51,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     del argv
     from ring_jax import plan
-    from ring_jax.plan import hardware, programs, report
+    from ring_jax.plan import hardware, placement, programs, report
     from ring_jax.train import experiment
     try:
         cfg = experiment.from_config_dict(_CONFIG.value)
@@ -62,8 +68,16 @@ def main(argv):
                  else cfg.mesh.resolve(len(topology.devices)))
         split = _SPLIT.value or cfg.mesh.allow_split_physical_axes
         train_mesh = hardware.make_mesh(topology, sizes, allow_split_physical_axes=split)
-        engine_mesh = train_mesh if not _ENGINE_MESH.value else hardware.make_mesh(
-            topology, hardware.parse_mesh(_ENGINE_MESH.value), allow_split_physical_axes=split)
+        placements = _placements(cfg)
+        engine_sizes = _engine_sizes(cfg, train_mesh)
+        engine_mesh = train_mesh if engine_sizes is None else hardware.make_mesh(
+            topology, engine_sizes, allow_split_physical_axes=split,
+            last=placements == ["disaggregated"])
+        if "disaggregated" in placements and train_mesh.size + engine_mesh.size > len(
+                topology.devices):
+            raise ConfigError(f"placement=disaggregated needs the training mesh's "
+                              f"{train_mesh.size} + the engine's {engine_mesh.size} devices, "
+                              f"topology {topology.name} has {len(topology.devices)}")
     except (ConfigError, ImportError) as e:
         sys.exit(f"ring_jax.plan: {e}")
     reports = plan.plan(cfg, programs.Meshes(train_mesh, engine_mesh), names,
@@ -77,6 +91,29 @@ def main(argv):
           f"{cfg.engine.num_slots} slots x {cfg.engine.max_len}")
     print("per-device GiB: peak = argument + output - alias + temp + code")
     print(report.format_table(reports, hbm, _HEADROOM.value))
+    by_name = dict(zip(names, reports))
+    if "rl_step" in by_name and set(by_name) & set(placement.ENGINE_PROGRAMS):
+        rows = [r for r in placement.placement_rows(by_name, train_mesh.size, engine_mesh.size)
+                if r.placement in placements]
+        print("\nper-device GiB by engine placement (`ring_jax.plan.placement`)")
+        print(placement.format_table(rows, hbm, _HEADROOM.value))
+
+
+def _placements(cfg) -> list[str]:
+    chosen = _PLACEMENT.value or cfg.mesh.engine.placement
+    return ["colocated", "disaggregated"] if chosen == "both" else [chosen]
+
+
+def _engine_sizes(cfg, train_mesh) -> dict[str, int] | None:
+    """The engine mesh's sizes: ``--engine_mesh``, else the config's ``mesh.engine`` sizes
+    (over its ``num_devices``, or the training mesh's device count); None: the training mesh."""
+    from ring_jax.plan import hardware
+    if _ENGINE_MESH.value:
+        return hardware.parse_mesh(_ENGINE_MESH.value)
+    engine = cfg.mesh.engine
+    if engine.uses_default_shape:
+        return {"data": engine.num_devices} if engine.num_devices else None
+    return engine.resolve(engine.num_devices or train_mesh.size)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,12 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def make_mesh(topology: Topology, sizes: dict[str, int], *,
-              allow_split_physical_axes: bool = False) -> Any:
-    """A `ring_jax.sharding` mesh over the first prod(sizes) devices of the topology."""
+              allow_split_physical_axes: bool = False, last: bool = False) -> Any:
+    """A `ring_jax.sharding` mesh over the first prod(sizes) devices of the topology (the last
+    ones with ``last``: a disaggregated engine's sub-mesh)."""
+    devices = topology.devices[-math.prod(sizes.values()):] if last else topology.devices
     try:
-        return sharding.make_mesh(**sizes, devices=topology.devices,
+        return sharding.make_mesh(**sizes, devices=devices,
                                   allow_split_physical_axes=allow_split_physical_axes)
     except (ValueError, NotImplementedError, AssertionError) as e:
         hint = ("" if allow_split_physical_axes else

@@ -44,6 +44,7 @@ from ring_jax import model as model_lib
 from ring_jax import sharding as sharding_lib
 from ring_jax.rollout import device_step
 from ring_jax.rollout import precision as precision_lib
+from ring_jax.rollout import weight_sync
 from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.rollout.types import (FINISH_LENGTH, FINISH_STOP, Detokenize, Request,
                                     StepOutput, stop_string_cut)
@@ -155,6 +156,7 @@ class Engine:
         self.vocab_size = vocab_size
         self.version = version
         self._mesh = mesh
+        self._weight_sharding = weight_sharding
         self._fns = step_fns(forward, init_cache, config)
         prepare_weights = prepare_weights or (lambda v, version: v)
         self._prepare = jax.jit(prepare_weights, out_shardings=weight_sharding)
@@ -165,7 +167,8 @@ class Engine:
                                 out_shardings=state_sharding)
         with self._mesh_context():
             self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
-            self._variables = self._prepare(variables, version)
+            self._variables = self._prepare(weight_sync.reshard(variables, weight_sharding),
+                                            version)
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * config.num_slots
         self._stats: collections.Counter[str] = collections.Counter()
@@ -250,13 +253,16 @@ class Engine:
 
         ``variables`` is the model's full variable dict, {'params': ..., 'router': ...} as
         `Transformer.init` returns it (the router's expert bias changes every train step, so it
-        is part of the sync). The conversion is one jitted program on device: no host copy.
+        is part of the sync). The conversion is one jitted program on device: no host copy;
+        arrays on other devices (another mesh order, a disaggregated engine's own devices) are
+        first moved device to device (`weight_sync.reshard`).
 
         Requests in flight are re-prefilled under the new weights at the next `step` (their
         KV cache was computed by the old ones); their tokens so far keep their old versions.
         """
         with self._mesh_context():
-            self._variables = self._prepare(variables, version)
+            self._variables = self._prepare(
+                weight_sync.reshard(variables, self._weight_sharding), version)
         self.version = version
         requeued = [s.flush() for s in self._slots if s is not None]
         self._slots = [None] * self.num_slots
@@ -490,8 +496,13 @@ def step_fns(forward: Any, init_cache: Any, config: EngineConfig) -> device_step
 
 def jit_programs(fns: device_step.StepFns, state_sharding: Any = None) -> tuple[Any, Any]:
     """The jitted prefill and decode programs; the slot state is donated (updated in place)
-    and, with ``state_sharding``, kept in that layout."""
-    state_kw = {} if state_sharding is None else {"out_shardings": (state_sharding, None)}
+    and, with ``state_sharding``, kept in that layout. The host reads the sampled tokens,
+    log-probs and expert ids: with a mesh they come out replicated, so every process (a global
+    engine spans several) holds all of them."""
+    state_kw = {}
+    if state_sharding is not None:
+        mesh = jax.tree.leaves(state_sharding)[0].mesh
+        state_kw = {"out_shardings": (state_sharding, NamedSharding(mesh, P()))}
     return (jax.jit(fns.prefill, donate_argnums=1, **state_kw),
             jax.jit(fns.decode, donate_argnums=1, **state_kw))
 

@@ -16,7 +16,8 @@ keeps one definition (and one validation) across the library:
     scheduler   SchedulerConfig (sampling: SamplingParams)
     engine      EngineConfig;  precision  InferencePrecision (the engine's numerics);
                 engine_moe_impl: the engine's MoE dispatch ("ragged": dropless, batch-independent)
-    reward      RewardConfig;  checkpoint CheckpointConfig;  mesh  MeshConfig
+    reward      RewardConfig;  checkpoint CheckpointConfig;  mesh  MeshConfig (the training
+                mesh; mesh.engine: EngineMeshConfig, where the rollout engine runs)
 
 An unknown key, a wrong type or an out-of-range value raises `ConfigError` naming the dotted
 field (``rl.loss.alpha=-1.0 is invalid: must be >= 0.0``).
@@ -38,6 +39,7 @@ from ring_jax.rl.advantages import AdvantageConfig
 from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
+from ring_jax.train.multihost import EngineMeshConfig
 from ring_jax.scheduler.config import SchedulerConfig
 from ring_jax.train import evaluate
 from ring_jax.train import init_from as init_from_lib
@@ -127,13 +129,15 @@ class RLConfig:
 class MeshConfig:
     """Device mesh sizes over (data, fsdp, expert, tensor); -1 on one axis takes the rest.
     ``allow_split_physical_axes``: on TPU, accept axes that cut a physical torus axis
-    (`ring_jax.sharding.make_mesh`)."""
+    (`ring_jax.sharding.make_mesh`). ``engine``: where the rollout engine runs
+    (`multihost.EngineMeshConfig`); a disaggregated engine's devices are not the trainer's."""
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
     allow_split_physical_axes: bool = False
+    engine: EngineMeshConfig = dataclasses.field(default_factory=EngineMeshConfig)
 
     def _sizes(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor")}
@@ -150,6 +154,12 @@ class MeshConfig:
                          "must be True or False")
 
     def resolve(self, num_devices: int) -> dict[str, int]:
+        """The training mesh's sizes over ``num_devices`` (less a disaggregated engine's)."""
+        if self.engine.placement == "disaggregated":
+            config_lib.check(self.engine.num_devices < num_devices, "mesh.engine.num_devices",
+                             self.engine.num_devices,
+                             f"must leave the trainer some of the {num_devices} devices")
+            num_devices -= self.engine.num_devices
         sizes = self._sizes()
         fixed = 1
         for size in sizes.values():

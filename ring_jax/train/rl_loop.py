@@ -136,9 +136,10 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
         restored = ckpt.restore(state)
         state, start, sched_state = restored.state, restored.step, restored.arrays
 
-    variables = multihost.to_engine({"params": state["params"], "router": state["router"]})
+    variables = multihost.to_engine({"params": state["params"], "router": state["router"]},
+                                   cfg.mesh.engine)
     engine_kw = dict(precision=cfg.precision, version=start, moe_impl=cfg.engine_moe_impl,
-                     mesh=multihost.engine_mesh(mesh), detokenize=tokenizer.decode)
+                     mesh=multihost.engine_mesh(mesh, cfg.mesh.engine), detokenize=tokenizer.decode)
     engine = Engine.from_model(cfg.model, variables, cfg.engine, **engine_kw)
     # Between scheduler iterations the engine is idle (sync, c3po: unfinished responses wait in
     # the scheduler's buffer), so evaluation reuses it and its compiled programs; in async mode
@@ -214,7 +215,7 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
             t_train = time.perf_counter()
             # Weight sync: the scheduler installs version `step` at its next iteration boundary.
             variables = multihost.to_engine({"params": state["params"],
-                                             "router": state["router"]})
+                                             "router": state["router"]}, cfg.mesh.engine)
             scheduler.update_weights(variables, step)
 
             metrics = {k: float(v) for k, v in train_metrics.items()}
