@@ -60,7 +60,12 @@ Commands (a whole study, resumable; one SFT warm start per seed is shared by all
     python experiments/sweep.py --config=experiments/icepop.py:local --study=stability \
         --root=runs/icepop --figures=experiments/figures/stability
     python experiments/sweep.py --config=experiments/icepop.py:local --study=sensitivity \
-        --root=runs/icepop --figures=experiments/figures/stability
+        --root=runs/sens --figures=experiments/figures/sensitivity \
+        --extract=experiments/results/sensitivity
+    # arm by arm in the priority order above, e.g. the first two:
+    python experiments/sweep.py --config=experiments/icepop.py:local --study=sensitivity \
+        --arms=icepop_a0.5_b5,icepop_masked_removed --root=runs/sens \
+        --figures=experiments/figures/sensitivity --extract=experiments/results/sensitivity
 
 Figures and table.md land in <figures>/<study>/. One run by hand (with its own SFT warm start
 unless ``--config.init_from=<an SFT workdir>/sft --config.sft.num_steps=0``):

@@ -431,13 +431,13 @@ def headline(results: dict[str, Any]) -> list[str]:
     lines = ["Models and their SFT (mean of the last SFT steps; dropped = share of expert "
              "assignments the SFT's MoE dispatch dropped):", ""]
     for name, m in results["models"].items():
-        tail = m.get("sft", {})
-        sft_cells = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in tail.items()
-                              if k != "steps")
-        lines.append(f"- {name}: {m['active_params']:,} active / {m['total_params']:,} total "
-                     f"parameters, FFN width {m['intermediate_size']}, "
-                     f"{m['num_moe_layers']} MoE layers; SFT {tail.get('steps', '?')} steps: "
-                     f"{sft_cells}")
+        line = (f"- {name}: {m['active_params']:,} active / {m['total_params']:,} total "
+                f"parameters, FFN width {m['intermediate_size']}, {m['num_moe_layers']} MoE "
+                "layers")
+        if "sft" in m:  # results.json written before the SFT tail was recorded lack it
+            line += f"; SFT {m['sft']['steps']} steps: " + ", ".join(
+                f"{k.split('/')[-1]} {v:.3f}" for k, v in m["sft"].items() if k != "steps")
+        lines.append(line)
     lines += ["", "Ratios (mean / p99 / max of \|Δlogp\|):", ""]
     pairs = [("moe/bf16", "dense/bf16"), ("moe/fp8", "moe/bf16"), ("rl_trained/bf16", "rl_start/bf16"),
              ("rl_trained/fp8", "rl_start/fp8")]
@@ -446,13 +446,22 @@ def headline(results: dict[str, Any]) -> list[str]:
             cells = " / ".join(_ratio(results, num, den, stat) for stat in (
                 "abs_dlogp_mean", "abs_dlogp_p99", "abs_dlogp_max"))
             lines.append(f"- {num} vs {den}: {cells}")
+    lines += ["", "IcePop-masked tokens per arm (k of n; where k = 0, the one-sided 95% upper "
+              "bound on the masked rate, 1 − 0.05^(1/n) ≈ 3/n):", ""]
+    for key, a in results["arms"].items():
+        k = round(a["icepop_masked_frac"] * a["tokens"])
+        bound = f", rate < {1e3 * (1 - 0.05 ** (1 / a['tokens'])):.2f}‰" if k == 0 else ""
+        lines.append(f"- {key}: {k} of {a['tokens']}{bound}")
     if "trained" in results:
         t = results["trained"]
-        lines += ["", f"Trained policy: {t['workdir']} ({t['task']}, "
-                  f"{t['model_active_params']:,} active parameters), {t.get('rl_steps')} RL "
-                  f"steps, held-out greedy pass@1 {t.get('pass@1_first')} (step "
-                  f"{(t.get('pass@1_steps') or ['?'])[0]}) → {t.get('pass@1_last')} (step "
-                  f"{(t.get('pass@1_steps') or ['?', '?'])[-1]})."]
+        line = (f"Trained policy: {t['workdir']} ({t['task']}, {t['model_active_params']:,} "
+                "active parameters)")
+        if t.get("pass@1_steps"):
+            first, last = t["pass@1_steps"]
+            line += (f", checkpoint of RL step {t['rl_steps']}; held-out greedy pass@1 "
+                     f"{t['pass@1_first']:.3f} (step {first}) → {t['pass@1_last']:.3f} "
+                     f"(step {last})")
+        lines += ["", line + "."]
     lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}"
                                           for k, v in results.get("timings_s", {}).items())]
     return lines
