@@ -31,12 +31,41 @@ norm, but within seed noise; IcePop does not beat TIS here; IcePop/KPop mask ~2-
 whose entropy is ~2-3x the average; R3 cuts the mismatch ~5x. Runtime: ~100 s per arm per seed
 on a shared 2-core CPU (SFT ~2 min per seed), so study 2 is ~40 min and study 3 ~50 min.
 
+Study 3 (sensitivity) under the issue-12 harness, declared before its rerun. The CPU is shared
+(load 10+ on 2 cores), so of the former 12 arms × 3 seeds the rerun keeps the arms that test a
+claim of PAPER §1 and all 3 seeds, run arm by arm in this order (the later ones only if time
+allows; REPRODUCING.md says which ran):
+
+  1. ``icepop_a0.5_b5``: the paper's IcePop (α = 0.5, β = 5): the baseline every arm is paired
+     against (``BASELINE``).
+  2. ``icepop_masked_removed``: masked tokens dropped from the 1/|y_i| denominator (the paper:
+     keeping them matters; dropping them inflates the kept tokens' gradients).
+  3. ``kpop_phi0.5``: KPop, φ = 0.5 (the follow-up reports +2–5 points over IcePop).
+  4. ``icepop_token_mean``: DAPO's token-mean aggregation instead of the paper's
+     sequence-mean.
+  5. ``icepop_a0.5_b2``: a narrower band above (β = 2).
+
+Cut (run before the harness, see REPRODUCING.md): the other bands (α ∈ {0.2, 0.5} × β ∈ {2, 5,
+10}), KPop φ ∈ {0.1, 2} and KPop with masked tokens removed; each is one line of
+``SENSITIVITY_ARMS`` to restore, e.g. ``"kpop_phi2": "correction=kpop,phi=2"``.
+
+Readouts (declared before the rerun): per seed, held-out greedy pass@1 averaged over the last 4
+evaluations (steps 10–40) and the run-mean of the pre-clip gradient norm and of the masked
+fractions, each paired against ``icepop_a0.5_b5`` (bootstrap 95% CI over seeds, sign test).
+A claim is **reproduced** where the paired CI excludes 0 in the paper's direction,
+**contradicted** where it excludes 0 the other way, else **inconclusive** (n.s.).
+
 Commands (a whole study, resumable; one SFT warm start per seed is shared by all its arms):
 
     python experiments/sweep.py --config=experiments/icepop.py:local --study=stability \
         --root=runs/icepop --figures=experiments/figures/stability
     python experiments/sweep.py --config=experiments/icepop.py:local --study=sensitivity \
-        --root=runs/icepop --figures=experiments/figures/stability
+        --root=runs/sens --figures=experiments/figures/sensitivity \
+        --extract=experiments/results/sensitivity
+    # arm by arm in the priority order above, e.g. the first two:
+    python experiments/sweep.py --config=experiments/icepop.py:local --study=sensitivity \
+        --arms=icepop_a0.5_b5,icepop_masked_removed --root=runs/sens \
+        --figures=experiments/figures/sensitivity --extract=experiments/results/sensitivity
 
 Figures and table.md land in <figures>/<study>/. One run by hand (with its own SFT warm start
 unless ``--config.init_from=<an SFT workdir>/sft --config.sft.num_steps=0``):
@@ -79,16 +108,14 @@ STABILITY_ARMS = {
     "r3": "correction=none,r3",
     "r3_icepop": "correction=icepop,r3",
 }
-# Study 3: the IcePop band, the KPop bound and the loss aggregation: masked tokens kept in the
-# 1/|y_i| denominator (PAPER §1, the default) vs removed from it, and token-mean vs
-# sequence-mean.
+# Study 3: the paper's IcePop against masked tokens removed from the 1/|y_i| denominator, KPop,
+# token-mean aggregation and a narrower band, in priority order (module docstring: the cut).
 SENSITIVITY_ARMS = {
-    **{f"icepop_a{a}_b{b}": f"correction=icepop,alpha={a},beta={b}"
-       for a in (0.2, 0.5) for b in (2, 5, 10)},
-    **{f"kpop_phi{p}": f"correction=kpop,phi={p}" for p in (0.1, 0.5, 2)},
-    "icepop_token_mean": "correction=icepop,aggregation=token_mean",
+    "icepop_a0.5_b5": "correction=icepop,alpha=0.5,beta=5",
     "icepop_masked_removed": "correction=icepop,masked=removed",
-    "kpop_masked_removed": "correction=kpop,masked=removed",
+    "kpop_phi0.5": "correction=kpop,phi=0.5",
+    "icepop_token_mean": "correction=icepop,aggregation=token_mean",
+    "icepop_a0.5_b2": "correction=icepop,alpha=0.5,beta=2",
 }
 # Sensitivity arms at the paper's defaults (α=0.5, β=5; φ=0.5) are study 2's own runs.
 SAME_AS_STABILITY = {"icepop_a0.5_b5": "icepop", "kpop_phi0.5": "kpop",
@@ -105,6 +132,20 @@ CALIBRATION_ARMS = {
 LONG_ARMS = {"none_long": "correction=none,long", "tis_long": "correction=tis,long",
              "icepop_long": "correction=icepop,long"}
 LONG_SEEDS = SEEDS
+BASELINE = {"sensitivity": "icepop_a0.5_b5"}  # the arm the others are paired against
+
+
+def _run_mean(metric: str):
+    """Readout: the mean of ``metric`` over every step of a run (None if never logged)."""
+    def readout(records):
+        values = [r[metric] for r in records if isinstance(r.get(metric), (int, float))]
+        return float(sum(values) / len(values)) if values else None
+    readout.description = f"mean of {metric} over the run's steps"
+    return readout
+
+
+READOUTS = {f"{m} (run mean)": _run_mean(m) for m in (
+    "train/grad_norm", "mismatch/masked_frac_above", "mismatch/masked_frac_below")}
 
 
 def _masked_in_denominator(value: str) -> bool:

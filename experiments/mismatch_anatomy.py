@@ -14,21 +14,30 @@ Procedure (all on this machine's CPU):
   2. Warm-start both with the same short SFT (`ring_jax.train.sft`) on step-by-step
      multiplication — random-init weights give near-uniform logits, which makes the mismatch
      unrealistically small; SFT makes the distributions peaked like a real policy's. The SFT
-     directories are cached under ``--work_dir`` (keyed by the study config) and reused.
+     trains the trainer's own numerics (float32, dropless MoE dispatch, `trainer_config`), so no
+     token is dropped anywhere in the study. The SFT directories are cached under
+     ``--work_dir`` (keyed by the study config) and reused.
   3. For each model and engine precision — fp32 (control), bf16, bf16 + fp8 (e4m3) routed-expert
      weights — generate rollouts with `Engine` (temperature 1, expert ids recorded), then
      recompute the trainer's float32 log-probs and experts with `probe.trainer_view` (one
      full forward without KV cache, dropless MoE).
   4. "After RL vs at start": the same measurement for the policy of an RL workdir (default the
-     quickstart's /tmp/rj_full) and its SFT start (``<workdir>/sft``).
+     README quickstart's ``runs/quickstart``) and its SFT start (``<workdir>/sft``).
 
-Writes into ``--out_dir``: results.json (every number), summary.md (its tables, as pasted into
-experiments/REPRODUCING.md) and four PNGs: fig1_abs_dlogp_hist.png, fig2_position.png,
-fig3_flips_vs_depth.png, fig4_training.png.
+The issue-12 harness: prompts are the task's fixed evaluation set (`evaluate.eval_records`:
+held-out split, disjoint from every SFT draw by construction, the same for every seed); the study
+seed fans out through `derive.stream_seed` to the named streams ``init`` (model init), ``sft``
+(SFT data) and ``sampling`` (the engine's per-request keys), as in an experiment.
+
+Writes into ``--out_dir``: results.json (every number), summary.md (its tables and the
+headline ratios quoted in experiments/REPRODUCING.md) and four PNGs: fig1_abs_dlogp_hist.png,
+fig2_position.png, fig3_flips_vs_depth.png, fig4_training.png.
 
 Commands:
     python experiments/mismatch_anatomy.py                # --size=local, ~9 min on 2 CPU cores
     python experiments/mismatch_anatomy.py --size=tiny --out_dir=/tmp/ma  # smoke, ~2.5 min
+    # summary.md again from a committed results.json (no model is run):
+    python experiments/mismatch_anatomy.py --from_results=experiments/figures/mismatch_anatomy/results.json
 
 Variants: ``get_config("local" | "tiny")``.
 """
@@ -53,10 +62,10 @@ from ring_jax.rollout.engine import Engine, EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
 from ring_jax.rollout.types import Request, SamplingParams
 from ring_jax.train import checkpoint as checkpoint_lib
-from ring_jax.train import optim, sft
+from ring_jax.train import derive, evaluate, optim, sft
 from ring_jax.train.experiment import parse_config_arg
 
-DEFAULT_TRAINED_WORKDIR = "/tmp/rj_full"
+DEFAULT_TRAINED_WORKDIR = "runs/quickstart"  # README's quickstart workdir
 PRECISIONS = {
     "fp32": InferencePrecision(dtype="float32"),
     "bf16": InferencePrecision(dtype="bfloat16"),
@@ -83,7 +92,7 @@ class StudyConfig:
     bucket_edges: tuple[int, ...] = (0, 8, 16, 32, 64, 128)
     trained_num_prompts: int = 128  # rollouts per arm of the RL-trained vs start comparison
     trained_max_new_tokens: int = 40
-    seed: int = 0
+    seed: int = 0  # fans out to the init / sft / sampling streams (`derive.stream_seed`)
 
 
 def get_config(arg: str = "local") -> StudyConfig:
@@ -132,26 +141,66 @@ def trainer_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def _sft_dir(work_dir: str, name: str, cfg: ModelConfig, study: StudyConfig) -> str:
-    key = json.dumps([dataclasses.asdict(cfg), study.task_name, study.task_kwargs,
-                      study.sft_steps, study.sft_batch_size, study.sft_seq_len,
-                      study.sft_learning_rate, study.seed], sort_keys=True, default=str)
+    key = json.dumps([dataclasses.asdict(trainer_config(cfg)), study.task_name,
+                      study.task_kwargs, study.sft_steps, study.sft_batch_size,
+                      study.sft_seq_len, study.sft_learning_rate,
+                      derive.stream_seed(study.seed, "sft"),
+                      derive.stream_seed(study.seed, "init")], sort_keys=True, default=str)
     return os.path.join(work_dir, f"{name}_sft_{hashlib.sha1(key.encode()).hexdigest()[:10]}")
 
 
-def sft_policy(cfg: ModelConfig, study: StudyConfig, task, tokenizer, directory: str) -> dict:
-    """{"params", "router"} after the study's short SFT (resumed/reused from ``directory``)."""
+SFT_TAIL_STEPS = 10  # SFT steps averaged for the recorded end-of-SFT loss / token accuracy
+
+
+def sft_policy(cfg: ModelConfig, study: StudyConfig, task, tokenizer, directory: str
+               ) -> tuple[dict, dict[str, float]]:
+    """({"params", "router"} after the study's short SFT, resumed/reused from ``directory``;
+    its loss, token accuracy and dropped share averaged over the last `SFT_TAIL_STEPS` steps).
+    The SFT runs the trainer's numerics (`trainer_config`: float32, dropless)."""
     sft_cfg = sft.SFTConfig(seq_len=study.sft_seq_len, batch_size=study.sft_batch_size,
-                            num_steps=study.sft_steps, seed=study.seed, log_every=25)
+                            num_steps=study.sft_steps,
+                            seed=derive.stream_seed(study.seed, "sft"), log_every=25)
     optim_cfg = optim.OptimConfig(learning_rate=study.sft_learning_rate,
                                   warmup_steps=min(20, study.sft_steps), clip_norm=1.0)
-    state = sft.train_sft(Transformer(cfg), task, tokenizer, directory, sft_cfg, optim_cfg,
+    state = sft.train_sft(Transformer(trainer_config(cfg)), task, tokenizer, directory, sft_cfg,
+                          optim_cfg,
                           checkpoint_lib.CheckpointConfig(save_every=10**6, async_save=False),
-                          rng=jax.random.key(study.seed))
-    return {"params": state["params"], "router": state["router"]}
+                          rng=jax.random.key(derive.stream_seed(study.seed, "init")))
+    return {"params": state["params"], "router": state["router"]}, sft_tail(directory)
 
 
-def load_workdir_policies(workdir: str) -> tuple[ModelConfig, dict, dict, dict]:
-    """(model config, task section, RL-trained policy, its SFT start) of an RL workdir."""
+def sft_tail(directory: str) -> dict[str, float]:
+    """Mean over the last `SFT_TAIL_STEPS` steps of the SFT's loss, token accuracy and (MoE)
+    dropped share, from its metrics.jsonl."""
+    with open(os.path.join(directory, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    tail = [r for r in records if "sft/loss" in r][-SFT_TAIL_STEPS:]
+    out = {"steps": int(tail[-1]["step"])}
+    for key in ("sft/loss", "sft/token_accuracy", "moe/dropped_frac"):
+        values = [r[key] for r in tail if key in r]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
+
+
+def workdir_evals(workdir: str, step: int) -> dict[str, Any]:
+    """The RL run's held-out greedy pass@1 at its first evaluation and its last one up to
+    ``step`` (the policy measured), from its metrics.jsonl, so the trained policy is described
+    by committed numbers."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    evals = [(r["step"], r["eval/pass@1"]) for r in records
+             if "eval/pass@1" in r and r["step"] <= step]
+    return {"rl_steps": step,
+            "pass@1_first": evals[0][1] if evals else None,
+            "pass@1_last": evals[-1][1] if evals else None,
+            "pass@1_steps": [evals[0][0], evals[-1][0]] if evals else None}
+
+
+def load_workdir_policies(workdir: str, step: int | None = None
+                          ) -> tuple[ModelConfig, dict, dict, dict, int]:
+    """(model config, task section, RL-trained policy at checkpoint ``step`` (default the
+    newest), its SFT start, that step) of an RL workdir."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -159,30 +208,36 @@ def load_workdir_policies(workdir: str) -> tuple[ModelConfig, dict, dict, dict]:
     target = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0),
                                                           np.zeros((1, 8), np.int32)))
     target = {"params": target["params"], "router": target.get("router", {})}
-    trained = sft.load_policy(workdir, target)
+    if step is None:
+        with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+            step = ckpt.latest_step()
+    trained = sft.load_policy(workdir, target, step)
     start = sft.load_policy(os.path.join(workdir, "sft"), target)
-    return cfg, config["task"], trained, start
+    return cfg, config["task"], trained, start, step
 
 
 # ----------------------------------------------------------------------------- measurement
 
 
-def prompts(task, tokenizer, num: int, seed: int) -> list[np.ndarray]:
-    """Held-out prompts (problem seed disjoint from the SFT stream's)."""
-    return [np.asarray(tokenizer.encode(tokenizer.apply_chat_template(
-        task.sample(i, seed + 1_000_000).prompt, thinking=True)), np.int32) for i in range(num)]
+def prompts(task, tokenizer, num: int) -> list[np.ndarray]:
+    """The task's fixed evaluation prompts (`evaluate.eval_records`): held out from every SFT/RL
+    draw by construction and the same for every seed."""
+    return [np.asarray(r["prompt_tokens"], np.int32)
+            for r in evaluate.eval_records(task, tokenizer, num)]
 
 
 def rollouts(cfg: ModelConfig, variables: dict, precision: InferencePrecision,
              prompt_tokens: list[np.ndarray], *, stop_id: int, max_new_tokens: int,
-             max_len: int, num_slots: int, temperature: float) -> list[Request]:
+             max_len: int, num_slots: int, temperature: float, seed: int) -> list[Request]:
+    """One response per prompt; request i samples with key ``seed + i``."""
     engine = Engine.from_model(cfg, variables,
                                EngineConfig(num_slots=num_slots, max_len=max_len,
                                             decode_chunk=16, record_expert_ids=True),
                                precision, moe_impl="capacity")
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
                               stop_token_ids=(stop_id,))
-    engine.add([Request(f"r{i}", p, sampling, seed=i) for i, p in enumerate(prompt_tokens)])
+    engine.add([Request(f"r{i}", p, sampling, seed=seed + i)
+                for i, p in enumerate(prompt_tokens)])
     finished = []
     while True:
         out = engine.step()
@@ -364,8 +419,57 @@ def plot_all(out_dir: str, raw: dict[str, dict], results: dict[str, Any],
     return paths
 
 
+def _ratio(results: dict[str, Any], num: str, den: str, stat: str) -> str:
+    a, b = results["arms"].get(num), results["arms"].get(den)
+    if a is None or b is None or not b[stat]:
+        return "–"
+    return f"×{a[stat] / b[stat]:.2f}"
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """The setup and ratio numbers REPRODUCING.md quotes besides the tables."""
+    lines = ["Models and their SFT (mean of the last SFT steps; dropped = share of expert "
+             "assignments the SFT's MoE dispatch dropped):", ""]
+    for name, m in results["models"].items():
+        line = (f"- {name}: {m['active_params']:,} active / {m['total_params']:,} total "
+                f"parameters, FFN width {m['intermediate_size']}, {m['num_moe_layers']} MoE "
+                "layers")
+        if "sft" in m:  # results.json written before the SFT tail was recorded lack it
+            line += f"; SFT {m['sft']['steps']} steps: " + ", ".join(
+                f"{k.split('/')[-1]} {v:.3f}" for k, v in m["sft"].items() if k != "steps")
+        lines.append(line)
+    lines += ["", "Ratios (mean / p99 / max of \|Δlogp\|):", ""]
+    pairs = [("moe/bf16", "dense/bf16"), ("moe/fp8", "moe/bf16"), ("rl_trained/bf16", "rl_start/bf16"),
+             ("rl_trained/fp8", "rl_start/fp8")]
+    for num, den in pairs:
+        if num in results["arms"] and den in results["arms"]:
+            cells = " / ".join(_ratio(results, num, den, stat) for stat in (
+                "abs_dlogp_mean", "abs_dlogp_p99", "abs_dlogp_max"))
+            lines.append(f"- {num} vs {den}: {cells}")
+    lines += ["", "IcePop-masked tokens per arm (k of n; where k = 0, the one-sided 95% upper "
+              "bound on the masked rate, 1 − 0.05^(1/n) ≈ 3/n):", ""]
+    for key, a in results["arms"].items():
+        k = round(a["icepop_masked_frac"] * a["tokens"])
+        bound = f", rate < {1e3 * (1 - 0.05 ** (1 / a['tokens'])):.2f}‰" if k == 0 else ""
+        lines.append(f"- {key}: {k} of {a['tokens']}{bound}")
+    if "trained" in results:
+        t = results["trained"]
+        line = (f"Trained policy: {t['workdir']} ({t['task']}, {t['model_active_params']:,} "
+                "active parameters)")
+        if t.get("pass@1_steps"):
+            first, last = t["pass@1_steps"]
+            line += (f", checkpoint of RL step {t['rl_steps']}; held-out greedy pass@1 "
+                     f"{t['pass@1_first']:.3f} (step {first}) → {t['pass@1_last']:.3f} "
+                     f"(step {last})")
+        lines += ["", line + "."]
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}"
+                                          for k, v in results.get("timings_s", {}).items())]
+    return lines
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
-    """The headline numbers of results.json as markdown tables (pasted into REPRODUCING.md)."""
+    """results.json as markdown: the per-arm table, |Δlogp| by position, expert flips by layer
+    and the `headline` numbers (REPRODUCING.md quotes them)."""
     fmt = lambda x: "–" if x is None else f"{x:.2e}"
     lines = ["| arm | tokens | mean len | mean \\|Δlogp\\| [95% CI, responses resampled] "
              "| median | p99 | max | IcePop-masked | expert-flip frac (mean over layers) "
@@ -391,6 +495,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         if "expert_flip_frac_by_layer" in a:
             lines.append(f"- {key}: " + ", ".join(f"{x:.4f}"
                                                    for x in a["expert_flip_frac_by_layer"]))
+    lines += [""] + headline(results)
     return "\n".join(lines) + "\n"
 
 
@@ -404,8 +509,9 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 
 def run_study(study: StudyConfig, out_dir: str, work_dir: str,
-              trained_workdir: str = "") -> dict[str, Any]:
-    """Runs every arm, writes results.json and the figures into ``out_dir``; returns results."""
+              trained_workdir: str = "", trained_step: int | None = None) -> dict[str, Any]:
+    """Runs every arm, writes results.json and the figures into ``out_dir``; returns results.
+    ``trained_step``: the RL checkpoint of ``trained_workdir`` measured (default its newest)."""
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = get_tokenizer("byte")
@@ -421,14 +527,17 @@ def run_study(study: StudyConfig, out_dir: str, work_dir: str,
                    for name, c in models.items()},
         "arms": {}, "timings_s": {}}
     raw: dict[str, dict] = {}
-    prompt_tokens = prompts(task, tokenizer, study.num_prompts, study.seed)
+    prompt_tokens = prompts(task, tokenizer, study.num_prompts)
     gen_kw = dict(stop_id=tokenizer.eos_id, max_new_tokens=study.max_new_tokens,
                   max_len=study.max_len, num_slots=study.num_slots,
-                  temperature=study.temperature)
+                  temperature=study.temperature,
+                  seed=derive.stream_seed(study.seed, "sampling"))
+    results["seed_streams"] = {name: derive.stream_seed(study.seed, name)
+                               for name in ("init", "sft", "sampling")}
     for name, cfg in models.items():
         t0 = time.perf_counter()
-        variables = sft_policy(cfg, study, task, tokenizer,
-                               _sft_dir(work_dir, name, cfg, study))
+        variables, results["models"][name]["sft"] = sft_policy(
+            cfg, study, task, tokenizer, _sft_dir(work_dir, name, cfg, study))
         results["timings_s"][f"{name}/sft"] = time.perf_counter() - t0
         for prec_name, precision in PRECISIONS.items():
             if prec_name == "fp8" and not cfg.is_moe:
@@ -445,14 +554,16 @@ def run_study(study: StudyConfig, out_dir: str, work_dir: str,
 
     if trained_workdir:
         t0 = time.perf_counter()
-        cfg, task_section, trained, start = load_workdir_policies(trained_workdir)
+        cfg, task_section, trained, start, step = load_workdir_policies(trained_workdir,
+                                                                        trained_step)
         rl_task = tasks.get(task_section["name"], **dict(task_section.get("kwargs") or {}))
-        rl_prompts = prompts(rl_task, tokenizer, study.trained_num_prompts, study.seed)
+        rl_prompts = prompts(rl_task, tokenizer, study.trained_num_prompts)
         edges = tuple(e for e in study.bucket_edges if e < study.trained_max_new_tokens) + (
             study.trained_max_new_tokens,)
         results["trained"] = {"workdir": trained_workdir, "task": task_section["name"],
                               "bucket_edges": list(edges),
-                              "model_active_params": presets.param_count(cfg)[1]}
+                              "model_active_params": presets.param_count(cfg)[1],
+                              **workdir_evals(trained_workdir, step)}
         for policy, variables in (("rl_start", start), ("rl_trained", trained)):
             for prec_name in ("bf16", "fp8"):
                 reqs = rollouts(cfg, variables, PRECISIONS[prec_name], rl_prompts,
@@ -481,6 +592,11 @@ flags.DEFINE_string("out_dir", "experiments/figures/mismatch_anatomy",
                     "where results.json and the PNGs go")
 flags.DEFINE_string("work_dir", "/tmp/rj_mismatch_anatomy",
                     "SFT checkpoints of the study's models (reused when the config matches)")
+flags.DEFINE_string("from_results", "",
+                    "a results.json: write summary.md beside it from it and print it (runs "
+                    "nothing)")
+flags.DEFINE_integer("trained_step", None,
+                     "checkpoint step of --trained_workdir to measure (default: its newest)")
 flags.DEFINE_string("trained_workdir", None,
                     f"RL workdir for 'after RL vs at start' (default {DEFAULT_TRAINED_WORKDIR} "
                     "if it exists; '' skips)")
@@ -489,11 +605,19 @@ flags.DEFINE_string("trained_workdir", None,
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint item at INFO
+    if FLAGS.from_results:
+        with open(FLAGS.from_results) as f:
+            summary = markdown_tables(json.load(f))
+        with open(os.path.join(os.path.dirname(FLAGS.from_results), "summary.md"), "w") as f:
+            f.write(summary)
+        print(summary, end="")
+        return
     trained = FLAGS.trained_workdir
     if trained is None:
         trained = DEFAULT_TRAINED_WORKDIR if os.path.isdir(
             os.path.join(DEFAULT_TRAINED_WORKDIR, "checkpoints")) else ""
-    results = run_study(get_config(FLAGS.size), FLAGS.out_dir, FLAGS.work_dir, trained)
+    results = run_study(get_config(FLAGS.size), FLAGS.out_dir, FLAGS.work_dir, trained,
+                        FLAGS.trained_step)
     print(json.dumps(results["timings_s"], indent=1))
 
 

@@ -23,7 +23,8 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs(experiment_fil
     for r in runs:
         by_study.setdefault(r["study"], {}).setdefault(r["label"], []).append(r)
     assert set(by_study["stability"]) == {"none", "tis", "icepop", "kpop", "r3", "r3_icepop"}
-    assert len(by_study["sensitivity"]) == 6 + 3 + 3
+    assert list(by_study["sensitivity"]) == list(icepop.SENSITIVITY_ARMS)
+    assert icepop.BASELINE["sensitivity"] in by_study["sensitivity"]
     assert set(by_study["long"]) == {"none_long", "tis_long", "icepop_long"}
     long_cfg = experiment.from_config_dict(icepop.get_config("correction=none,long,local"))
     assert long_cfg.rl.num_steps == 200
@@ -51,6 +52,16 @@ def test_sweep_lists_every_arm_with_three_seeds_and_valid_configs(experiment_fil
         icepop.get_config("masked=dropped")
     with pytest.raises(ValueError, match="unknown args"):
         icepop.get_config("corection=tis")
+
+
+def test_run_mean_readouts_average_every_logged_step(experiment_file):
+    icepop = experiment_file("icepop")
+    records = [{"step": 1, "train/grad_norm": 1.0, "mismatch/masked_frac_above": 0.0},
+               {"step": 2, "train/grad_norm": 3.0}, {"step": 3, "eval/pass@1": 0.5}]
+    got = {name: fn(records) for name, fn in icepop.READOUTS.items()}
+    assert got == {"train/grad_norm (run mean)": 2.0,
+                   "mismatch/masked_frac_above (run mean)": 0.0,
+                   "mismatch/masked_frac_below (run mean)": None}
 
 
 def test_select_brings_the_sft_runs_first(experiment_file):

@@ -37,11 +37,16 @@ def test_dense_model_matches_the_moe_active_parameter_count(ma, size):
 
 
 def _fake_rl_workdir(path: str, cfg) -> None:
-    """config.json + an SFT start and a different 'trained' policy, as an RL workdir has."""
+    """config.json, metrics.jsonl + an SFT start and a different 'trained' policy, as an RL
+    workdir has."""
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"model": dataclasses.asdict(cfg),
                    "task": {"name": "addition", "kwargs": {"min_size": 2, "max_size": 2}}}, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for step, pass1 in ((0, 0.25), (1, 0.5), (2, 0.625)):
+            f.write(json.dumps({"step": step, "eval/pass@1": pass1}) + "\n")
+        f.write(json.dumps({"step": 3, "rl/reward_mean": 0.5}) + "\n")
     variables = jax.jit(Transformer(cfg).init)(jax.random.key(0), np.zeros((1, 8), np.int32))
     trained = jax.tree.map(lambda w: w * 1.5, variables["params"])
     cfg_ckpt = checkpoint_lib.CheckpointConfig(async_save=False)
@@ -88,3 +93,23 @@ def test_tiny_study_writes_finite_results_and_figures(ma, tmp_path):
     assert arms["moe/fp32"]["abs_dlogp_max"] < 1e-4
     assert arms["moe/fp32"]["expert_flip_frac"] == 0.0
     assert arms["moe/bf16"]["abs_dlogp_mean"] > 10 * arms["moe/fp32"]["abs_dlogp_mean"]
+    # The SFT trains with the trainer's dropless dispatch; its tail is recorded.
+    assert results["models"]["moe"]["sft"]["moe/dropped_frac"] == 0.0
+    assert results["models"]["moe"]["sft"]["steps"] == study.sft_steps
+    assert results["trained"]["pass@1_first"] == 0.25
+    # The policy measured is the newest checkpoint (step 1): evaluations after it are not its.
+    assert results["trained"]["rl_steps"] == 1
+    assert results["trained"]["pass@1_last"] == 0.5
+    # summary.md is a function of results.json alone (what --from_results regenerates).
+    with open(os.path.join(out, "summary.md")) as f:
+        assert f.read() == ma.markdown_tables(json.loads(json.dumps(results)))
+
+
+def test_prompts_are_the_fixed_evaluation_set(ma):
+    from ring_jax.data import tasks
+    from ring_jax.data.tokenizer import get_tokenizer
+    from ring_jax.train import evaluate
+    task, tokenizer = tasks.get("addition", min_size=2, max_size=2), get_tokenizer("byte")
+    got = ma.prompts(task, tokenizer, 8)
+    want = evaluate.eval_records(task, tokenizer, 8)
+    assert [p.tolist() for p in got] == [list(r["prompt_tokens"]) for r in want]
