@@ -110,6 +110,10 @@ class RLConfig:
     # trainer's capacity drops add a mismatch of their own (`derive`); True allows it.
     allow_trainer_drops: bool = False
     logprob_chunk: int = 128  # tokens per chunk of the log-prob / entropy computation
+    # θ_old = θ with one update per batch: take log π_train(θ_old) from the update's own
+    # forward (stop_gradient) instead of recomputing it; exact, one forward fewer; needs
+    # num_minibatches = num_microbatches = 1 (`rl_step` docstring).
+    logp_old_from_update: bool = False
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
@@ -121,6 +125,14 @@ class RLConfig:
         config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
         config_lib.check(isinstance(self.allow_trainer_drops, bool), "allow_trainer_drops",
                          self.allow_trainer_drops, "must be a bool")
+        config_lib.check(isinstance(self.logp_old_from_update, bool), "logp_old_from_update",
+                         self.logp_old_from_update, "must be a bool")
+        config_lib.check(not self.logp_old_from_update
+                         or (self.num_minibatches, self.num_microbatches) == (1, 1),
+                         "logp_old_from_update", self.logp_old_from_update,
+                         f"True needs rl.num_minibatches=1 and rl.num_microbatches=1 (θ_old = θ "
+                         f"only for a single update), got {self.num_minibatches} and "
+                         f"{self.num_microbatches}")
 
 
 @dataclasses.dataclass(frozen=True)
