@@ -176,6 +176,8 @@ def main(_):
         print(f"  {k:12s} {v:8.3f} s  {100 * v / med['total']:5.1f}%{note}")
     print(f"  trained response tokens/s (whole iteration): "
           f"{np.median(tokens) / med['total']:.1f}")
+    no_ckpt = float(np.median(np.subtract(phases["total"], phases["checkpoint"])))
+    print(f"  iteration without the checkpoint (issue 16's comparison): {no_ckpt:.3f} s")
     print(f"  train step MFU (PaLM FLOPs {step_flops / 1e9:.1f} GFLOP vs f32 matmul peak, "
           f"same run): {np.median(mfu):.1%}")
 
