@@ -196,10 +196,10 @@ def dispatch_experts(x_BTD, ids_BTK, weights_BTK, valid_BT, w_gate_EDF, w_up_EDF
                      cfg: ModelConfig):
     """Routed-expert output [B, T, D] and the number of dropped (token, expert) assignments.
 
-    Under a mesh (`jax.set_mesh`) the capacity, dropless_capacity and ragged paths run inside `jax.shard_map` with
-    specs taken from the logical-axis rules: tokens split over the batch axes, experts over
-    `expert`, the expert FFN dim over `tensor`; weights sharded over other axes (fsdp) are
-    all-gathered first.
+    Under a mesh (`jax.set_mesh`) the capacity, dropless_capacity and ragged paths run inside
+    `jax.shard_map` with specs taken from the logical-axis rules: tokens split over the batch
+    axes, experts over `expert`, the expert FFN dim over `tensor`; weights sharded over other
+    axes (fsdp) are all-gathered first.
     """
     B, T, D = x_BTD.shape
     if cfg.moe_impl == "reference":

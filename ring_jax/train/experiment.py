@@ -15,7 +15,8 @@ keeps one definition (and one validation) across the library:
                 loss (LossConfig), optim (OptimConfig)
     scheduler   SchedulerConfig (sampling: SamplingParams)
     engine      EngineConfig;  precision  InferencePrecision (the engine's numerics);
-                engine_moe_impl: the engine's MoE dispatch ("ragged": dropless, batch-independent)
+                engine_moe_impl: the engine's MoE dispatch ("ragged" or "dropless_capacity":
+                dropless, batch-independent)
     reward      RewardConfig;  checkpoint CheckpointConfig;  mesh  MeshConfig
 
 An unknown key, a wrong type or an out-of-range value raises `ConfigError` naming the dotted
@@ -33,7 +34,7 @@ from ring_jax import config as config_lib
 from ring_jax.config import ConfigError
 from ring_jax.data.rewards import RewardConfig
 from ring_jax.model import presets
-from ring_jax.model.config import ModelConfig
+from ring_jax.model.config import MOE_IMPLS, ModelConfig
 from ring_jax.rl.advantages import AdvantageConfig
 from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
@@ -196,8 +197,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         config_lib.check_int("seed", self.seed, min_value=0)
-        config_lib.check_one_of("engine_moe_impl", self.engine_moe_impl,
-                                ("reference", "capacity", "ragged"))
+        config_lib.check_one_of("engine_moe_impl", self.engine_moe_impl, MOE_IMPLS)
         s, e = self.scheduler, self.engine
         config_lib.check(s.max_seq_len <= e.max_len, "scheduler.max_seq_len", s.max_seq_len,
                          f"must be <= engine.max_len={e.max_len} (a row holds what the engine "
