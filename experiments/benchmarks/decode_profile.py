@@ -8,7 +8,8 @@ cache of max_len 288, every slot at position 160), side by side in one run:
   forward  the engine's cached model forward alone (B tokens, one position), jitted
   xla      the forward's own cost as XLA:CPU compiled it (`cost_analysis`): max(its FLOPs at
            the measured f32 matmul rate, its bytes accessed at the measured bandwidth) — the
-           best this program could do if each of its kernels ran at the machine's peak
+           best this program could do if each of its kernels ran at the machine's peak (for
+           `dropless_capacity` XLA counts every branch of the switch, so this overstates it)
   roofline `engine.decode_roofline`: all weights + the KV cache read once, or 2·active params +
            attention FLOPs per token, whichever is slower
 
@@ -47,7 +48,8 @@ def forward_cost(cfg, variables, config, precision, impl):
     weights = m.prepare_weights(variables, 0)
     B = config.num_slots
     cache = m.init_cache(B, config.max_len)
-    tokens = jnp.ones((B, 1), jnp.int32)
+    # Distinct tokens: identical ones would all route alike and overflow every capacity.
+    tokens = (jnp.arange(B, dtype=jnp.int32) * 37 % cfg.vocab_size)[:, None]
     positions = jnp.full((B, 1), CONTEXT, jnp.int32)
     fn = jax.jit(lambda w, t, p, c: m.forward(w, t, p, c)[0])
     cost = fn.lower(weights, tokens, positions, cache).compile().cost_analysis()
