@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from ring_jax import config as config_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("reference", "capacity", "ragged")
+MOE_IMPLS = ("reference", "capacity", "dropless_capacity", "ragged")
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
 # What a block keeps for the backward pass (`transformer.REMAT_POLICIES`): "none" keeps every
 # activation; "full" only the block's input (the block's forward runs again in the backward);

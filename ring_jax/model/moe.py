@@ -6,6 +6,11 @@
     decides who gets a slot; overflow is dropped and counted), experts run as one batched
     einsum. With an `expert` mesh axis the buffers travel with `all_to_all` inside
     `jax.shard_map` (GShard). Fast on CPU, where dense matmuls reach peak.
+  * ``dropless_capacity``: the capacity dispatch with C chosen per call from the batch's own
+    per-expert counts: a `jax.lax.switch` over a few static capacities (2×, 4×, … the balanced
+    share X·K/E, ending at C = X) takes the smallest one the busiest expert fits in, so nothing
+    is ever dropped and no token's output depends on its batch neighbours, while a typical
+    batch computes ~2× the routed (token, expert) pairs instead of E/K× (the engine's decode).
   * ``ragged``: dropless; assignments sorted by expert and run with `jax.lax.ragged_dot`.
     Across the expert axis tokens are all-gathered, each device runs its local experts on the
     assignments that belong to them, and a reduce-scatter returns the sums (`ragged_all_to_all`
@@ -55,10 +60,24 @@ def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
     return max(1, min(num_tokens, wanted))
 
 
+def dropless_capacities(num_tokens: int, cfg: ModelConfig) -> tuple[int, ...]:
+    """The static capacities `dropless_capacity` chooses from: 2^i × the balanced share
+    X·K/E for i = 1, 2, …, ascending, the last one C = X (a token picks an expert at most
+    once, so X slots always fit)."""
+    balanced = num_tokens * cfg.num_experts_per_tok / cfg.num_experts
+    capacities = []
+    scale = 2
+    while not capacities or capacities[-1] < num_tokens:
+        capacities.append(max(1, min(num_tokens, math.ceil(scale * balanced))))
+        scale *= 2
+    return tuple(sorted(set(capacities)))
+
+
 def is_dropless(cfg: ModelConfig) -> bool:
-    """Whether this dispatch can never drop a token: ``reference`` and ``ragged`` always,
-    ``capacity`` when capacity_factor ≥ E/K (then `expert_capacity` gives C = X slots, and a
-    token picks an expert at most once, so every assignment fits)."""
+    """Whether this dispatch can never drop a token: ``reference``, ``ragged`` and
+    ``dropless_capacity`` always, ``capacity`` when capacity_factor ≥ E/K (then
+    `expert_capacity` gives C = X slots, and a token picks an expert at most once, so every
+    assignment fits)."""
     if not cfg.is_moe or cfg.moe_impl != "capacity":
         return True
     return cfg.capacity_factor >= cfg.num_experts / cfg.num_experts_per_tok
@@ -73,12 +92,13 @@ def _slot_positions(ids_A, valid_A, num_experts, capacity):
 
 
 def _capacity_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg,
-                    expert_axis, tensor_axis):
+                    expert_axis, tensor_axis, capacity=None):
     """Capacity dispatch of this device's tokens. With `expert_axis`, the [E, C, D] buffers are
-    exchanged so each device runs only its E/P local experts (weights [E/P, D, F])."""
+    exchanged so each device runs only its E/P local experts (weights [E/P, D, F]). C is
+    ``capacity``, or `expert_capacity` of the config when None."""
     X, D = x_XD.shape
     K, E = ids_XK.shape[1], cfg.num_experts
-    C = expert_capacity(X, cfg)
+    C = expert_capacity(X, cfg) if capacity is None else capacity
     ids_A = ids_XK.reshape(-1)
     valid_A = jnp.repeat(valid_X, K)
     pos_A, kept_A = _slot_positions(ids_A, valid_A, E, C)
@@ -107,6 +127,32 @@ def _capacity_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg
     y_XD = (y_AD * coef_A[:, None]).reshape(X, K, D).sum(1)
     dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
     return y_XD, dropped
+
+
+def capacity_branch(ids_XK, valid_X, capacities: tuple[int, ...], num_experts: int):
+    """Index of the smallest of ``capacities`` that holds the busiest expert's valid
+    assignments (over every shard, inside `shard_map`)."""
+    valid_A = jnp.repeat(valid_X, ids_XK.shape[1]).astype(jnp.int32)
+    count_E = jnp.zeros((num_experts,), jnp.int32).at[ids_XK.reshape(-1)].add(valid_A)
+    busiest = jnp.max(count_E)
+    shard_axes = tuple(sorted(_varying_axes(busiest)))
+    if shard_axes:
+        busiest = jax.lax.pmax(busiest, shard_axes)
+    return jnp.searchsorted(jnp.asarray(capacities, jnp.int32), busiest)  # first C ≥ count
+
+
+def _dropless_capacity_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg,
+                             expert_axis, tensor_axis):
+    """Capacity dispatch with the smallest of `dropless_capacities` that the busiest expert's
+    count fits in (`jax.lax.switch`: only that branch runs), so nothing is dropped. Under
+    `shard_map` the count is the maximum over every shard: all shards take the same branch,
+    so the `all_to_all` buffers agree in shape and the collectives inside match."""
+    capacities = dropless_capacities(x_XD.shape[0], cfg)
+    branch = capacity_branch(ids_XK, valid_X, capacities, cfg.num_experts)
+    branches = [partial(_capacity_local, cfg=cfg, expert_axis=expert_axis,
+                        tensor_axis=tensor_axis, capacity=C) for C in capacities]
+    return jax.lax.switch(branch, branches, x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up,
+                          w_down)
 
 
 def _ragged_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg,
@@ -150,17 +196,18 @@ def dispatch_experts(x_BTD, ids_BTK, weights_BTK, valid_BT, w_gate_EDF, w_up_EDF
                      cfg: ModelConfig):
     """Routed-expert output [B, T, D] and the number of dropped (token, expert) assignments.
 
-    Under a mesh (`jax.set_mesh`) the capacity and ragged paths run inside `jax.shard_map` with
-    specs taken from the logical-axis rules: tokens split over the batch axes, experts over
-    `expert`, the expert FFN dim over `tensor`; weights sharded over other axes (fsdp) are
-    all-gathered first.
+    Under a mesh (`jax.set_mesh`) the capacity, dropless_capacity and ragged paths run inside
+    `jax.shard_map` with specs taken from the logical-axis rules: tokens split over the batch
+    axes, experts over `expert`, the expert FFN dim over `tensor`; weights sharded over other
+    axes (fsdp) are all-gathered first.
     """
     B, T, D = x_BTD.shape
     if cfg.moe_impl == "reference":
         y_XD = experts_reference(x_BTD.reshape(B * T, D), ids_BTK.reshape(B * T, -1),
                                  weights_BTK.reshape(B * T, -1), w_gate_EDF, w_up_EDF, w_down_EFD)
         return y_XD.reshape(B, T, D), jnp.zeros((), jnp.float32)
-    local_fn = _capacity_local if cfg.moe_impl == "capacity" else _ragged_local
+    local_fn = {"capacity": _capacity_local, "dropless_capacity": _dropless_capacity_local,
+                "ragged": _ragged_local}[cfg.moe_impl]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         y_XD, dropped = local_fn(x_BTD.reshape(B * T, D), ids_BTK.reshape(B * T, -1),

@@ -273,15 +273,18 @@ class Engine:
     @classmethod
     def from_model(cls, model_cfg: Any, variables: Any, config: EngineConfig,
                    precision: InferencePrecision = InferencePrecision(), *, version: int = 0,
-                   moe_impl: str = "capacity", mesh: Any = None,
+                   moe_impl: str = "dropless_capacity", mesh: Any = None,
                    detokenize: Detokenize | None = None) -> "Engine":
         """An engine for a ring_jax `Transformer` under an inference precision policy.
 
         The engine's model is ``model_cfg`` with the policy's dtype (params, activations, KV
-        cache) and a dropless MoE dispatch: ``moe_impl="capacity"`` with capacity C = all tokens
-        of the call (capacity_factor ≥ E/K), or ``"ragged"``. A dispatch that can drop tokens
-        would make a token's output depend on which other tokens share its batch. (On CPU the
-        capacity path is ~8× faster at decode batch sizes than ragged_dot.)
+        cache) and a dropless MoE dispatch: ``moe_impl="dropless_capacity"`` (capacity sized
+        per call from the batch's per-expert counts, falling back to C = all tokens when an
+        expert would overflow: ~2× the routed FLOPs on a typical batch), ``"capacity"`` with
+        C = all tokens of the call (capacity_factor ≥ E/K: E/K× the routed FLOPs), or
+        ``"ragged"``. A dispatch that can drop tokens would make a token's output depend on
+        which other tokens share its batch. (On CPU the capacity paths are ~8× faster at
+        decode batch sizes than ragged_dot.)
         ``variables`` are trainer variables, converted by `precision.prepare_variables`. With a
         ``mesh`` (`ring_jax.sharding.make_mesh`), slots are split over the batch mesh axes and
         weights laid out by the logical-axis rules (experts over ``expert``). ``detokenize``
@@ -452,13 +455,14 @@ class ModelFunctions:
 
 def model_functions(model_cfg: Any, config: EngineConfig,
                     precision: InferencePrecision = InferencePrecision(), *,
-                    moe_impl: str = "capacity", mesh: Any = None) -> ModelFunctions:
+                    moe_impl: str = "dropless_capacity", mesh: Any = None) -> ModelFunctions:
     """The engine's model under an inference precision policy (see `Engine.from_model`)."""
     moe = {}
     if model_cfg.is_moe:
-        dropless = model_cfg.num_experts / model_cfg.num_experts_per_tok
-        moe = dict(moe_impl=moe_impl,
-                   capacity_factor=max(model_cfg.capacity_factor, float(dropless)))
+        moe = dict(moe_impl=moe_impl)
+        if moe_impl == "capacity":  # C = all tokens of the call
+            dropless = model_cfg.num_experts / model_cfg.num_experts_per_tok
+            moe["capacity_factor"] = max(model_cfg.capacity_factor, float(dropless))
     cfg = dataclasses.replace(model_cfg, dtype=precision.dtype, param_dtype=precision.dtype,
                               **moe)
     module = model_lib.Transformer(cfg)

@@ -15,7 +15,8 @@ keeps one definition (and one validation) across the library:
                 loss (LossConfig), optim (OptimConfig)
     scheduler   SchedulerConfig (sampling: SamplingParams)
     engine      EngineConfig;  precision  InferencePrecision (the engine's numerics);
-                engine_moe_impl: the engine's MoE dispatch ("ragged": dropless, batch-independent)
+                engine_moe_impl: the engine's MoE dispatch ("ragged" or "dropless_capacity":
+                dropless, batch-independent)
     reward      RewardConfig;  checkpoint CheckpointConfig;  mesh  MeshConfig (the training
                 mesh; mesh.engine: EngineMeshConfig, where the rollout engine runs)
 
@@ -34,7 +35,7 @@ from ring_jax import config as config_lib
 from ring_jax.config import ConfigError
 from ring_jax.data.rewards import RewardConfig
 from ring_jax.model import presets
-from ring_jax.model.config import ModelConfig
+from ring_jax.model.config import MOE_IMPLS, ModelConfig
 from ring_jax.rl.advantages import AdvantageConfig
 from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
@@ -112,6 +113,10 @@ class RLConfig:
     # trainer's capacity drops add a mismatch of their own (`derive`); True allows it.
     allow_trainer_drops: bool = False
     logprob_chunk: int = 128  # tokens per chunk of the log-prob / entropy computation
+    # θ_old = θ with one update per batch: take log π_train(θ_old) from the update's own
+    # forward (stop_gradient) instead of recomputing it; exact, one forward fewer; needs
+    # num_minibatches = num_microbatches = 1 (`rl_step` docstring).
+    logp_old_from_update: bool = False
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
@@ -123,6 +128,14 @@ class RLConfig:
         config_lib.check_int("logprob_chunk", self.logprob_chunk, min_value=1)
         config_lib.check(isinstance(self.allow_trainer_drops, bool), "allow_trainer_drops",
                          self.allow_trainer_drops, "must be a bool")
+        config_lib.check(isinstance(self.logp_old_from_update, bool), "logp_old_from_update",
+                         self.logp_old_from_update, "must be a bool")
+        config_lib.check(not self.logp_old_from_update
+                         or (self.num_minibatches, self.num_microbatches) == (1, 1),
+                         "logp_old_from_update", self.logp_old_from_update,
+                         f"True needs rl.num_minibatches=1 and rl.num_microbatches=1 (θ_old = θ "
+                         f"only for a single update), got {self.num_minibatches} and "
+                         f"{self.num_microbatches}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +207,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         config_lib.check_int("seed", self.seed, min_value=0)
-        config_lib.check_one_of("engine_moe_impl", self.engine_moe_impl,
-                                ("reference", "capacity", "ragged"))
+        config_lib.check_one_of("engine_moe_impl", self.engine_moe_impl, MOE_IMPLS)
         s, e = self.scheduler, self.engine
         config_lib.check(s.max_seq_len <= e.max_len, "scheduler.max_seq_len", s.max_seq_len,
                          f"must be <= engine.max_len={e.max_len} (a row holds what the engine "

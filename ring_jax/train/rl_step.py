@@ -13,6 +13,13 @@ One step consumes one scheduler batch (rows of prompt ‖ response, `ring_jax.sc
   3. The aux-loss-free router-bias update (PAPER §4) from the expert loads of step 1's forward,
      outside the gradient.
 
+With ``logp_old_from_update`` step 1 is skipped: with one minibatch and one microbatch the only
+update's forward runs at θ_old itself, so log π_train(θ_old) is its own log-prob under
+`stop_gradient` — the same value (the ratio π_θ/π_θold of PAPER eq. 1 is then exactly 1, where a
+separate recompute gives 1 up to float rounding), the same gradient, the same expert loads, one
+forward fewer. Exact only under that condition (``RLConfig`` rejects anything else): a second
+minibatch's θ has moved, and microbatches need the whole minibatch's IcePop mask up front.
+
 The state is the same dict as the SFT stage's ({"step", "params", "opt_state", "router"}), so an
 SFT checkpoint initialises RL by name. Router replay (R3): with ``router_replay`` the batch's
 ``expert_ids_BTLK`` (the engine's routing) is forced in every training forward; positions holding
@@ -105,14 +112,23 @@ def _accumulated_value_and_grad(loss_fn, params, piece, num_microbatches: int):
 def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig, *,
                        num_minibatches: int = 1, router_bias_rate: float = 1e-3,
                        router_replay: bool = False, logprob_chunk: int = 128,
-                       optim_cfg: optim.OptimConfig | None = None, num_microbatches: int = 1
+                       optim_cfg: optim.OptimConfig | None = None, num_microbatches: int = 1,
+                       logp_old_from_update: bool = False
                        ) -> Callable[[RLState, Batch], tuple[RLState, dict[str, jax.Array]]]:
     """Builds the pure train step (jit it with ``donate_argnums=0``). Each minibatch's
-    gradient is computed in ``num_microbatches`` slices (same update, less memory)."""
+    gradient is computed in ``num_microbatches`` slices (same update, less memory).
+    ``logp_old_from_update`` (needs one minibatch and one microbatch) takes log π_train(θ_old)
+    from the update's own forward instead of a separate one (module docstring)."""
+    if logp_old_from_update and (num_minibatches, num_microbatches) != (1, 1):
+        raise ValueError(
+            f"logp_old_from_update=True is exact only with num_minibatches=1 and "
+            f"num_microbatches=1, got {num_minibatches} and {num_microbatches}")
     logprob_fn = make_logprob_fn(model, chunk_size=logprob_chunk, router_replay=router_replay)
 
     def rl_train_step(state: RLState, batch: Batch):
         router = state["router"]
+        if logp_old_from_update:
+            return _step_reusing_forward(state, batch)
         # 1. log π_train(θ_old) on the whole batch: a constant of every minibatch update.
         logp_old_BT, _, aux_old = logprob_fn(state["params"], router, batch)
         logp_old_BT = jax.lax.stop_gradient(logp_old_BT)
@@ -144,14 +160,42 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
 
         (params, opt_state), (loss_M, terms_M, grad_norm_M) = jax.lax.scan(
             update, (state["params"], state["opt_state"]), pieces)
+        return _finish(state, batch, params, opt_state, aux_old, loss_M, terms_M, grad_norm_M)
 
+    def _step_reusing_forward(state: RLState, batch: Batch):
+        """One update whose own forward, at θ_old, also gives log π_train(θ_old)."""
+        router = state["router"]
+        mb = dict(batch)
+
+        def loss_fn(p):
+            logp_BT, entropy_BT, aux = logprob_fn(p, router, mb)
+            logp_old_BT = jax.lax.stop_gradient(logp_BT)  # θ = θ_old here, bit for bit
+            keep_BT = None if loss_cfg.masked_in_denominator else losses.kept_tokens(
+                logp_old_BT, mb["logp_infer_BT"], mb["loss_mask_BT"], loss_cfg)
+            denominator = losses.loss_denominator(mb["loss_mask_BT"], loss_cfg, keep_BT)
+            terms = losses.policy_loss_terms(
+                logp_BT, logp_old_BT, mb["logp_infer_BT"], mb["advantages_B"],
+                mb["loss_mask_BT"], loss_cfg, entropy_BT=entropy_BT)
+            return terms.loss_sum / jnp.maximum(denominator, 1.0), (terms, aux)
+
+        (loss, (terms, aux_old)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # The leading minibatch axis (M = 1) the scan of the other path gives its outputs.
+        loss_M, terms_M, grad_norm_M = jax.tree.map(
+            lambda x: jnp.expand_dims(x, 0), (loss, terms, optax.global_norm(grads)))
+        return _finish(state, batch, params, opt_state, aux_old, loss_M, terms_M, grad_norm_M)
+
+    def _finish(state, batch, params, opt_state, aux_old, loss_M, terms_M, grad_norm_M):
+        """The router-bias update, the metrics and the new state after the updates."""
         # 3. Aux-loss-free balancing from this batch's expert loads at θ_old (PAPER §4).
-        new_router = router_bias.update_router_bias(router, aux_old["moe/load"],
+        new_router = router_bias.update_router_bias(state["router"], aux_old["moe/load"],
                                                     router_bias_rate)
 
         # Metrics of the union of the minibatches (sums add, maxima max).
         total = jax.tree.map(lambda x: x[0], terms_M)
-        for i in range(1, num_minibatches):
+        for i in range(1, loss_M.shape[0]):
             total = losses.accumulate_terms(total, jax.tree.map(lambda x, i=i: x[i], terms_M))
         metrics = dict(losses.finalize_metrics(total))
         load_LE = aux_old["moe/load"]
@@ -187,7 +231,8 @@ def jit_rl_train_step(model, tx: optax.GradientTransformation, rl_cfg: Any) -> C
         model, tx, rl_cfg.loss, num_minibatches=rl_cfg.num_minibatches,
         router_bias_rate=rl_cfg.router_bias_rate, router_replay=rl_cfg.router_replay,
         logprob_chunk=rl_cfg.logprob_chunk, optim_cfg=rl_cfg.optim,
-        num_microbatches=rl_cfg.num_microbatches)
+        num_microbatches=rl_cfg.num_microbatches,
+        logp_old_from_update=rl_cfg.logp_old_from_update)
     return jax.jit(step_fn)
 
 

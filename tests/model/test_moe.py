@@ -1,6 +1,7 @@
 """Fast MoE dispatch paths equal the loop-over-experts reference (outputs and grads) when nothing
 is dropped; capacity overflow is dropped and reported."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +32,19 @@ def inputs():
     return cfg, x, ids, w, valid, weights
 
 
-def _run(cfg, x, ids, w, valid, weights):
-    def loss(x, w, wg, wu, wd):
+@functools.cache
+def _grad_fn(cfg):
+    """Jitted (loss, (y, dropped)), grads w.r.t. x, w and the expert weights; one compile per
+    config, whatever the routing."""
+    def loss(x, w, wg, wu, wd, ids, valid):
         y, dropped = moe.dispatch_experts(x, ids, w, valid, wg, wu, wd, cfg)
         # Padding rows are excluded from the loss (their output is irrelevant).
         return jnp.sum((y * valid[..., None]) ** 2 * jnp.arange(y.shape[-1])), (y, dropped)
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
-    (_, (y, dropped)), grads = grad_fn(x, w, *weights)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+
+def _run(cfg, x, ids, w, valid, weights):
+    (_, (y, dropped)), grads = _grad_fn(cfg)(x, w, *weights, ids, valid)
     return y * valid[..., None], dropped, grads
 
 
@@ -47,7 +54,7 @@ def reference(inputs):
     return _run(dataclasses.replace(cfg, moe_impl="reference"), *rest)
 
 
-@pytest.mark.parametrize("impl", ["capacity", "ragged"])
+@pytest.mark.parametrize("impl", ["capacity", "dropless_capacity", "ragged"])
 def test_fast_paths_match_reference(inputs, reference, impl):
     cfg, *rest = inputs
     # capacity_factor 8 with X=48, K=2, E=8 gives C = X: nothing can drop.
@@ -123,3 +130,52 @@ def test_capacity_factor_e_over_k_is_dropless_even_when_every_token_picks_the_sa
     _, dropped_cf2, _ = _run(dataclasses.replace(dropless, capacity_factor=2.0), x, same_ids, w,
                              valid, weights)
     assert float(dropped_cf2) > 0
+
+
+def test_dropless_capacities_end_at_all_tokens():
+    cfg = presets.get("small")  # E=32, K=4: balanced share X/8
+    assert moe.dropless_capacities(64, cfg) == (16, 32, 64)
+    assert moe.dropless_capacities(16, cfg) == (4, 8, 16)
+    assert moe.dropless_capacities(3, cfg) == (1, 2, 3)
+    assert moe.dropless_capacities(1, cfg) == (1,)
+    assert moe.is_dropless(dataclasses.replace(cfg, moe_impl="dropless_capacity",
+                                               capacity_factor=1.0))
+
+
+@pytest.mark.parametrize("routing, branch", [("balanced", 0), ("expert_0_overloaded", 1),
+                                             ("all_same", 1)])
+def test_dropless_capacity_never_drops_and_matches_reference(inputs, routing, branch):
+    """Whichever capacity branch the busiest expert selects (tiny: X=48, K=2, E=8 gives
+    C ∈ {24, 48}; the smallest for balanced routing, C = X when an expert has more than 24),
+    the output and grads equal the reference and nothing is dropped. A capacity-limited
+    dispatch would give zero output to the overflowing tokens instead."""
+    cfg, x, ids, w, valid, weights = inputs
+    X, E, K = B * T, cfg.num_experts, cfg.num_experts_per_tok
+    if routing == "balanced":
+        ids = (jnp.arange(X * K).reshape(B, T, K) % E).astype(jnp.int32)
+    elif routing == "expert_0_overloaded":
+        # Expert 0 takes the first 30 tokens (above 2× the balanced share of 12).
+        first_BT = jnp.arange(X).reshape(B, T) < 30
+        ids = ids.at[..., 0].set(jnp.where(first_BT, 0, ids[..., 0]))
+        ids = ids.at[..., 1].set(jnp.where(ids[..., 1] == ids[..., 0], (ids[..., 0] + 1) % E,
+                                           ids[..., 1]))
+    else:
+        ids = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), ids.shape)
+    capacities = moe.dropless_capacities(X, cfg)
+    assert capacities == (24, 48)
+    assert int(moe.capacity_branch(ids.reshape(X, K), valid.reshape(X), capacities, E)) == branch
+    dropless = dataclasses.replace(cfg, moe_impl="dropless_capacity", capacity_factor=1.0)
+    y, dropped, grads = _run(dropless, x, ids, w, valid, weights)
+    y_ref, _, grads_ref = _run(dataclasses.replace(cfg, moe_impl="reference"), x, ids, w, valid,
+                               weights)
+    assert float(dropped) == 0.0
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, rtol=1e-4)
+    # The same routing through a plain capacity dispatch at the smallest branch's C drops
+    # tokens exactly when the routing overflows it: the fallback keeps it dropless.
+    limited = dataclasses.replace(cfg, moe_impl="capacity", min_capacity=1,
+                                  capacity_factor=capacities[0] * E / (X * K))
+    assert moe.expert_capacity(X, limited) == capacities[0]
+    _, dropped_limited, _ = _run(limited, x, ids, w, valid, weights)
+    assert (float(dropped_limited) > 0) == (branch > 0)

@@ -123,6 +123,24 @@ def test_outputs_do_not_depend_on_slot_or_batch_composition(fresh):
         assert_same(mixed[rid], r, logprob_atol=2e-6)
 
 
+def test_overflowing_expert_takes_the_all_tokens_branch_and_stays_exact(fresh, ref_forward,
+                                                                          tiny_variables):
+    """A router bias that sends every token to experts 0 and 1 overflows the smallest capacity
+    of the engine's `dropless_capacity` dispatch at every prefill and decode step, so each one
+    runs the C = all-tokens fallback; the output still equals the reference token for token
+    (a capacity-limited dispatch would zero the overflowing tokens' expert outputs)."""
+    overloaded = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[..., :2].add(10.0) if "expert_bias" in jax.tree_util.keystr(path)
+        else x, tiny_variables)
+    requests = make_requests(6)
+    want = reference.generate(ref_forward, overloaded, requests, max_len=MAX_LEN)
+    fresh.load_weights(overloaded, 0)
+    got = run_to_end(fresh, requests)
+    for w in want:
+        assert_same(got[w.request_id], w)
+        assert (np.sort(w.expert_ids, axis=-1) == [0, 1]).all(), (w.request_id, w.expert_ids)
+
+
 def test_token_budget_is_respected_and_nothing_is_lost(fresh):
     requests = make_requests(4, sampled=False)
     fresh.add(requests)

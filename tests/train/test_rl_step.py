@@ -189,3 +189,32 @@ def test_entropy_bonus_has_a_gradient_without_advantages(state):
     batch["advantages_B"] = np.zeros((B,), np.float32)
     _, metrics = fn(state, batch)
     assert float(metrics["train/grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("masked_in_denominator", [True, False])
+def test_logp_old_from_update_equals_the_recompute(state, masked_in_denominator):
+    """With one minibatch θ = θ_old in the update's forward, so taking log π(θ_old) from it
+    gives the recompute's loss, gradient, metrics and router update (to float rounding: the
+    recompute's separate forward may round its last bit differently). With
+    masked_in_denominator=False the IcePop mask (from log π(θ_old)) sets the denominator:
+    a wrong θ_old there would change the loss scale, not only its rounding."""
+    cfg = dataclasses.replace(LOSS_CFG, masked_in_denominator=masked_in_denominator)
+    recompute = jax.jit(rl_step.make_rl_train_step(MODEL, TX, cfg, logprob_chunk=5))
+    reuse = jax.jit(rl_step.make_rl_train_step(MODEL, TX, cfg, logprob_chunk=5,
+                                               logp_old_from_update=True))
+    batch = _batch(3)
+    want_state, want = recompute(state, batch)
+    got_state, got = reuse(state, batch)
+    assert sorted(got) == sorted(want)
+    assert 0.0 < float(want["mismatch/masked_frac"]) < 1.0  # the mask is not trivial
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # Adam's first step is lr·sign(grad) where |grad| ≫ ε: the grads agree in sign everywhere.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 got_state, want_state)
+
+
+def test_logp_old_from_update_needs_a_single_update():
+    with pytest.raises(ValueError, match="num_minibatches=1 and num_microbatches=1"):
+        rl_step.make_rl_train_step(MODEL, TX, LOSS_CFG, num_minibatches=2,
+                                   logp_old_from_update=True)
