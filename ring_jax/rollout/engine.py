@@ -8,13 +8,21 @@ Host loop around the two jitted programs of `device_step`:
     already generated tokens, under the current weights; this samples each one's next token),
     then (2) runs up to ``decode_chunk`` decode steps over all slots in one device program,
     moving back only the sampled tokens, log-probs and (if recorded) expert ids. The decode
-    program returns early when a slot finishes while requests wait, so the freed slot is
-    refilled at once (continuous batching), and it never runs more steps than the remaining
-    token budget needs;
+    program returns early once ``refill_min_rows`` slots are free while requests wait, so the
+    freed slots are refilled together in one prefill call (continuous batching; 1 = refill at
+    every finish), and it never runs more steps than the remaining token budget needs;
   * ``drain()`` hands back every unfinished request with everything it has so far;
   * ``load_weights(variables, version)`` casts (and reshards) trainer weights on device; requests
     in flight are re-prefilled under the new weights at the next step, as C3PO++ resumes
-    partial rollouts (their earlier tokens keep their log-probs and versions).
+    partial rollouts (their earlier tokens keep their log-probs and versions);
+  * ``warmup()`` (run at construction with ``warmup_buckets``) compiles the prefill program for
+    every (rows, length) bucket and the decode program, so no later step compiles.
+
+Stale KV (``stale_kv``, off by default; PAPER §2 leaves the choice open): requests in flight at
+a weight update keep their slots and KV cache, and drained requests park theirs, so a request
+added back unchanged (C3PO++'s carried responses) resumes without a prefill. The new weights
+then attend over keys/values the old ones computed: a mismatch between log π_infer and the
+trainer's recompute that `experiments/benchmarks/c3po.py --calibrate` measures.
 
 Stop strings are matched on the host after each prefill / decode chunk (the engine needs a
 ``detokenize``): a slot whose decoded response contains one is cut after the token that ended it
@@ -214,6 +222,8 @@ class Engine:
           decode_steps                      decode steps (each over every slot)
           decode_tokens                     tokens they sampled; / (decode_steps × num_slots)
                                             is the slots' utilisation
+          resumed_in_place                  stale_kv: requests resumed in their parked slot
+                                            (no prefill)
         """
         out = {k: float(v) for k, v in self._stats.items()}
         self._stats.clear()
