@@ -14,7 +14,7 @@ Two engines:
   --engine=real  the rollout engine on the ``--model`` preset (random weights; lengths 85%
                  U[12,20], 15% U[96,128], scripted via max_new_tokens), its prefill bucket grid
                  compiled before anything is timed (`EngineConfig.warmup_buckets`), refills
-                 gathered ``--refill_min_rows`` at a time, a real jitted policy-gradient train
+                 gathered ``--refill_min_rows`` at a time (also the smallest row bucket), a real jitted policy-gradient train
                  step with SGD, weights synced to the engine every step. Arms: sync, async k=1,
                  c3po (σ_max purge) and paced (admission paced, nothing purged). On the shared
                  2-core CPU trainer and engine compete for the same cores, so async cannot
@@ -235,7 +235,8 @@ class RealBench:
 
         self.train_step = train_step
         engine_config = EngineConfig(num_slots=REAL_SLOTS, max_len=self.config.max_seq_len,
-                                     decode_chunk=16, min_prefill_len=32,
+                                     decode_chunk=16, min_prefill_len=64,
+                                     min_prefill_rows=FLAGS.refill_min_rows,
                                      refill_min_rows=FLAGS.refill_min_rows,
                                      warmup_buckets=True)
         self.engine_config = engine_config
@@ -249,7 +250,8 @@ class RealBench:
         self.batch_tokens = int(REAL_B * ((1 - REAL_LONG_FRAC) * np.mean(REAL_SHORT)
                                           + REAL_LONG_FRAC * np.mean(REAL_LONG)))
         print(f"# REAL engine, `{FLAGS.model}` model ({jax.devices()[0].platform}, float32), "
-              f"{REAL_SLOTS} slots, refill_min_rows={FLAGS.refill_min_rows}, B={REAL_B} rows "
+              f"{REAL_SLOTS} slots, refill_min_rows=min_prefill_rows={FLAGS.refill_min_rows}, "
+              f"B={REAL_B} rows "
               f"(G={REAL_G}), T={self.config.max_seq_len}; lengths "
               f"{100 * (1 - REAL_LONG_FRAC):.0f}% U{list(REAL_SHORT)}, "
               f"{100 * REAL_LONG_FRAC:.0f}% U{list(REAL_LONG)}; real jitted train step (SGD); "

@@ -71,6 +71,9 @@ class EngineConfig:
     record_expert_ids: bool = False
     max_stop_tokens: int = 8  # stop token ids per request (padded on device)
     min_prefill_len: int = 16  # smallest prompt-length bucket (buckets are powers of two)
+    # Smallest row bucket of a prefill (row buckets: min_prefill_rows · 2^k, capped at
+    # num_slots). Fewer programs to compile (`warmup`), more padding rows per small refill.
+    min_prefill_rows: int = 1
     # A decode chunk returns to refill freed slots once this many are free (or as many as
     # requests wait, if fewer): 1 refills at the first finish (most slot use, most prefill
     # calls); larger values gather refills into fewer, larger prefill calls.
@@ -90,6 +93,8 @@ class EngineConfig:
         config_lib.check_int("decode_chunk", self.decode_chunk, min_value=1)
         config_lib.check_int("max_stop_tokens", self.max_stop_tokens, min_value=1)
         config_lib.check_int("min_prefill_len", self.min_prefill_len, min_value=1)
+        config_lib.check_int("min_prefill_rows", self.min_prefill_rows, min_value=1,
+                             max_value=self.num_slots)
         config_lib.check_int("refill_min_rows", self.refill_min_rows, min_value=1,
                              max_value=self.num_slots)
         config_lib.check_one_of("warmup_buckets", self.warmup_buckets, (False, True))
@@ -97,7 +102,8 @@ class EngineConfig:
 
     def prefill_buckets(self) -> list[tuple[int, int]]:
         """Every (rows, length) shape the prefill program can be called with."""
-        rows = sorted({_bucket(n, 1, self.num_slots) for n in range(1, self.num_slots + 1)})
+        rows = sorted({_bucket(n, self.min_prefill_rows, self.num_slots)
+                       for n in range(1, self.num_slots + 1)})
         # A prefilled sequence has 1 .. max_len - 1 tokens.
         lengths = sorted({_bucket(n, self.min_prefill_len, self.max_len)
                           for n in range(1, self.max_len)})
@@ -434,7 +440,7 @@ class Engine:
             return 0
         for b in free[:len(batch)]:
             self._parked.pop(b, None)
-        N = _bucket(len(batch), 1, self.num_slots)
+        N = _bucket(len(batch), self.config.min_prefill_rows, self.num_slots)
         seqs = [np.concatenate([np.asarray(r.prompt_tokens, np.int32),
                                 np.asarray(r.tokens, np.int32)]) for r in batch]
         T = _bucket(max(len(s) for s in seqs), self.config.min_prefill_len, self.config.max_len)

@@ -98,9 +98,12 @@ def test_prefill_buckets_cover_every_length_and_row_count():
     odd = EngineConfig(num_slots=6, max_len=100, min_prefill_len=24)
     # A plausible bug stops doubling at max_len // 2 and misses the capped top bucket.
     assert odd.prefill_buckets() == [(N, T) for N in (1, 2, 4, 6) for T in (24, 48, 96, 100)]
+    coarse = dataclasses.replace(odd, min_prefill_rows=2)
+    assert coarse.prefill_buckets() == [(N, T) for N in (2, 4, 6) for T in (24, 48, 96, 100)]
 
 
 @pytest.mark.parametrize("field,value", [("refill_min_rows", 0), ("refill_min_rows", 5),
+                                         ("min_prefill_rows", 0), ("min_prefill_rows", 8),
                                          ("warmup_buckets", "yes"), ("stale_kv", None)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}="):
