@@ -106,6 +106,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "smoke" in flags:
         common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),
                                max_new_tokens=24)
+        c.engine.warmup_buckets = False  # 3 steps: compiling all 30 buckets would dominate
     if "sft" in flags:
         c.rl.num_steps = 0
     # "local" is the default size here; the flag is accepted so sweep.py's FILE:SIZE works.
