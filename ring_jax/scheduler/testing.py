@@ -55,7 +55,8 @@ class FakeEngine:
       expert_ids_shape: (L_moe, K) to record routed experts per token, else None.
       decode_step_s, prefill_token_s: simulated device seconds per decode step and per token
         (re-)prefilled when a request takes a slot (a resumed one re-prefills prompt + output).
-      prefill_call_s: simulated fixed seconds per refill (one prefill call, however many rows).
+      prefill_call_s: simulated fixed seconds per refill (one prefill call, however many rows;
+        a refill sleeps once, for its call and all its tokens).
       refill_min_rows: refill free slots only once this many are free (or every waiting
         request fits, or no slot is busy).
       fail_on_step: raise `FakeEngineError` on this (0-based) call of `step`.
@@ -95,16 +96,17 @@ class FakeEngine:
         if not self._pending or (self._active and free < min(self._refill_min_rows,
                                                              len(self._pending))):
             return
-        if self._prefill_call_s:
-            time.sleep(self._prefill_call_s)
+        num_tokens = 0
         while self._pending and len(self._active) < self.num_slots:
             request = self._pending.popleft()
             self._targets[request.request_id] = min(int(self._length_fn(request)),
                                                     request.sampling.max_new_tokens)
-            if self._prefill_token_s:
-                time.sleep(self._prefill_token_s * (request.prompt_tokens.shape[0]
-                                                    + request.num_generated))
+            num_tokens += request.prompt_tokens.shape[0] + request.num_generated
             self._active.append(request)
+        # One prefill call for the whole refill, as the real engine's (and one sleep: many
+        # short sleeps would each pay the OS's wake-up latency).
+        if self._prefill_call_s or self._prefill_token_s:
+            time.sleep(self._prefill_call_s + self._prefill_token_s * num_tokens)
 
     def step(self, token_budget: int | None = None) -> StepOutput:
         call = self.num_step_calls

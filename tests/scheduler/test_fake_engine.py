@@ -76,5 +76,5 @@ def test_simulated_prefill_call_cost_is_paid_once_per_refill(monkeypatch):
     engine = testing.FakeEngine(4, lambda r: 5, prefill_call_s=1.0, prefill_token_s=0.5)
     engine.add(_requests(4))
     engine.step(None)
-    # One refill of 4 requests: one call cost, then 3 prompt tokens each.
-    assert slept == [1.0] + [1.5] * 4
+    # One refill of 4 requests: one call and 4 × 3 prompt tokens, in one sleep.
+    assert slept == [1.0 + 0.5 * 12]
