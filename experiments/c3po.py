@@ -71,10 +71,10 @@ STUDIES = {
 # Arms at the defaults are the "modes" study's c3po runs: same workdir, run once.
 SAME_AS = {f"c3po_phi{DEFAULT_PHI}": "c3po", f"c3po_sigma{DEFAULT_SIGMA}": "c3po"}
 # How sweep.py reports this study: these curves, against the seconds spent in RL steps (no
-# start-up, no evaluation), and table.md averaging the second half of the run, steps 31-60: the
-# engine compiles a prefill program for each new (rows, length) bucket the first time it meets
-# it, and C3PO++'s refills meet many more buckets than sync's one batch-sized prefill, so the
-# first steps' times are mostly compilation.
+# start-up, no evaluation), and table.md averaging the second half of the run, steps 31-60:
+# without engine.warmup_buckets (now on) the engine compiled a prefill program for each new
+# (rows, length) bucket the first time it met it, and C3PO++'s refills meet many more buckets
+# than sync's one batch-sized prefill, so the first steps' times were mostly compilation.
 STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_s",
                  "perf/step_s", "perf/trained_tokens_per_s", "rl/response_tokens",
                  "sched/versions_spanned_mean", "mismatch/masked_frac", "moe/dropped_frac",
@@ -99,12 +99,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                        max_staleness=int(values.get("k", 1)), max_active_requests=64)
     c.scheduler.sampling.max_new_tokens = 128
     c.engine.max_len = 176
+    c.engine.warmup_buckets = True  # compile every prefill bucket before step 1 (issue 14)
     c.eval.update(every=10, num_prompts=256, num_samples=2)
     c.checkpoint.update(save_every=20, max_to_keep=1)
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:
         common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),
                                max_new_tokens=24)
+        c.engine.warmup_buckets = False  # 3 steps: compiling all 30 buckets would dominate
     if "sft" in flags:
         c.rl.num_steps = 0
     # "local" is the default size here; the flag is accepted so sweep.py's FILE:SIZE works.

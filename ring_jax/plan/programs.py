@@ -149,5 +149,5 @@ def build_prefill(cfg: Any, meshes: Meshes) -> Program:
 def build_decode(cfg: Any, meshes: Meshes) -> Program:
     fns, state_sharding, weights, state = _engine(cfg, meshes.engine)
     _, decode = engine_lib.jit_programs(fns, state_sharding)
-    host = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_))
+    host = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
     return Program(decode, (weights, state, *replicated(host, meshes.engine)), meshes.engine)

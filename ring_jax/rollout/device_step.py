@@ -133,11 +133,12 @@ class StepFns:
             rows=jax.tree.map(insert, state.rows, rows_N))
         return state, (token_N, logprob_N, expert_ids_LNK, finish_N)
 
-    def decode(self, variables, state: SlotState, num_steps, stop_on_finish):
+    def decode(self, variables, state: SlotState, num_steps, refill_at):
         """Up to ``num_steps`` (≤ decode_chunk) decode steps over all slots in one program.
 
-        Stops early, after the step where some slot finished, when ``stop_on_finish`` (requests
-        are waiting for a free slot); otherwise a finished slot just goes idle. Returns the state
+        Stops early, after at least one step, once ``refill_at`` slots are free (requests are
+        waiting for them: the host refills them in one batched prefill); a value above
+        ``num_slots`` stops early only when every slot is idle. Returns the state
         and (steps run, token_KB (-1 where a slot was idle), logprob_KB, expert_ids_KLBK | None,
         finish_B (how each slot that finished in this call finished)).
         """
@@ -150,8 +151,11 @@ class StepFns:
                    None if expert_shape is None else jnp.zeros((K, *expert_shape), jnp.int32))
 
         def cond(carry):
-            step, _, _, finish_B = carry
-            return (step < num_steps) & ~(stop_on_finish & jnp.any(finish_B != FINISH_NONE))
+            step, s, _, _ = carry
+            num_free = jnp.sum(~s.active_B)
+            # (Every slot idle: nothing left to decode.)
+            stop = (num_free >= refill_at) | (num_free == B)
+            return (step < num_steps) & ~((step > 0) & stop)
 
         def body(carry):
             step, s, (token_KB, logprob_KB, expert_KLBK), finish_B = carry
@@ -184,3 +188,9 @@ class StepFns:
     def release(state: SlotState, release_B) -> SlotState:
         """Empties the slots where ``release_B`` (bool [B]) holds: ones the host finished."""
         return state.replace(active_B=state.active_B & ~release_B)
+
+    @staticmethod
+    def reactivate(state: SlotState, resume_B) -> SlotState:
+        """Resumes the parked slots where ``resume_B`` (bool [B]) holds: their cache rows,
+        position, last token and sampling rows were left in place when they were drained."""
+        return state.replace(active_B=state.active_B | resume_B)

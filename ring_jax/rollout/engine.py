@@ -8,13 +8,21 @@ Host loop around the two jitted programs of `device_step`:
     already generated tokens, under the current weights; this samples each one's next token),
     then (2) runs up to ``decode_chunk`` decode steps over all slots in one device program,
     moving back only the sampled tokens, log-probs and (if recorded) expert ids. The decode
-    program returns early when a slot finishes while requests wait, so the freed slot is
-    refilled at once (continuous batching), and it never runs more steps than the remaining
-    token budget needs;
+    program returns early once ``refill_min_rows`` slots are free while requests wait, so the
+    freed slots are refilled together in one prefill call (continuous batching; 1 = refill at
+    every finish), and it never runs more steps than the remaining token budget needs;
   * ``drain()`` hands back every unfinished request with everything it has so far;
   * ``load_weights(variables, version)`` casts (and reshards) trainer weights on device; requests
     in flight are re-prefilled under the new weights at the next step, as C3PO++ resumes
-    partial rollouts (their earlier tokens keep their log-probs and versions).
+    partial rollouts (their earlier tokens keep their log-probs and versions);
+  * ``warmup()`` (run at construction with ``warmup_buckets``) compiles the prefill program for
+    every (rows, length) bucket and the decode program, so no later step compiles.
+
+Stale KV (``stale_kv``, off by default; PAPER §2 leaves the choice open): requests in flight at
+a weight update keep their slots and KV cache, and drained requests park theirs, so a request
+added back unchanged (C3PO++'s carried responses) resumes without a prefill. The new weights
+then attend over keys/values the old ones computed: a mismatch between log π_infer and the
+trainer's recompute that `experiments/benchmarks/c3po.py --calibrate` measures.
 
 Stop strings are matched on the host after each prefill / decode chunk (the engine needs a
 ``detokenize``): a slot whose decoded response contains one is cut after the token that ended it
@@ -64,6 +72,21 @@ class EngineConfig:
     record_expert_ids: bool = False
     max_stop_tokens: int = 8  # stop token ids per request (padded on device)
     min_prefill_len: int = 16  # smallest prompt-length bucket (buckets are powers of two)
+    # Smallest row bucket of a prefill (row buckets: min_prefill_rows · 2^k, capped at
+    # num_slots). Fewer programs to compile (`warmup`), more padding rows per small refill.
+    min_prefill_rows: int = 1
+    # A decode chunk returns to refill freed slots once this many are free (or as many as
+    # requests wait, if fewer): 1 refills at the first finish (most slot use, most prefill
+    # calls); larger values gather refills into fewer, larger prefill calls.
+    refill_min_rows: int = 1
+    # Compile every prefill (rows, length) bucket and the decode program when the engine is
+    # built (`Engine.warmup`), so that no later step compiles.
+    warmup_buckets: bool = False
+    # Stale KV (PAPER §2 leaves it open): a request in flight at a weight update, or drained
+    # and added back unchanged, keeps its KV cache computed by the old weights instead of being
+    # re-prefilled under the new ones. Cheaper continuation; adds a mismatch (the new weights
+    # attend over old keys/values) that BENCHMARKS.md measures. Off: exact recompute.
+    stale_kv: bool = False
 
     def __post_init__(self):
         config_lib.check_int("num_slots", self.num_slots, min_value=1)
@@ -71,6 +94,21 @@ class EngineConfig:
         config_lib.check_int("decode_chunk", self.decode_chunk, min_value=1)
         config_lib.check_int("max_stop_tokens", self.max_stop_tokens, min_value=1)
         config_lib.check_int("min_prefill_len", self.min_prefill_len, min_value=1)
+        config_lib.check_int("min_prefill_rows", self.min_prefill_rows, min_value=1,
+                             max_value=self.num_slots)
+        config_lib.check_int("refill_min_rows", self.refill_min_rows, min_value=1,
+                             max_value=self.num_slots)
+        config_lib.check_one_of("warmup_buckets", self.warmup_buckets, (False, True))
+        config_lib.check_one_of("stale_kv", self.stale_kv, (False, True))
+
+    def prefill_buckets(self) -> list[tuple[int, int]]:
+        """Every (rows, length) shape the prefill program can be called with."""
+        rows = sorted({_bucket(n, self.min_prefill_rows, self.num_slots)
+                       for n in range(1, self.num_slots + 1)})
+        # A prefilled sequence has 1 .. max_len - 1 tokens.
+        lengths = sorted({_bucket(n, self.min_prefill_len, self.max_len)
+                          for n in range(1, self.max_len)})
+        return [(N, T) for N in rows for T in lengths]
 
 
 def _bucket(n: int, smallest: int, largest: int) -> int:
@@ -165,13 +203,19 @@ class Engine:
                                    out_shardings=state_sharding)
         self._release = jax.jit(self._fns.release, donate_argnums=0,
                                 out_shardings=state_sharding)
+        self._reactivate = jax.jit(self._fns.reactivate, donate_argnums=0,
+                                   out_shardings=state_sharding)
         with self._mesh_context():
             self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
             self._variables = self._prepare(weight_sync.reshard(variables, weight_sharding),
                                             version)
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * config.num_slots
+        # stale_kv: slot -> the request drained from it, whose KV rows are still in place.
+        self._parked: dict[int, Request] = {}
         self._stats: collections.Counter[str] = collections.Counter()
+        if config.warmup_buckets:
+            self.warmup()
 
     # ------------------------------------------------------------------ public API
 
@@ -187,6 +231,8 @@ class Engine:
           decode_steps                      decode steps (each over every slot)
           decode_tokens                     tokens they sampled; / (decode_steps × num_slots)
                                             is the slots' utilisation
+          resumed_in_place                  stale_kv: requests resumed in their parked slot
+                                            (no prefill)
         """
         out = {k: float(v) for k, v in self._stats.items()}
         self._stats.clear()
@@ -239,8 +285,18 @@ class Engine:
         return StepOutput(finished=finished, num_new_tokens=spent, num_in_flight=num_in_flight)
 
     def drain(self) -> list[Request]:
-        """Removes and returns every unfinished request (active ones first), with all it has."""
-        drained = [s.flush() for s in self._slots if s is not None]
+        """Removes and returns every unfinished request (active ones first), with all it has.
+
+        With ``stale_kv`` the drained requests' slots are parked: a later `add` of the same
+        request (same id, tokens, sampling) resumes it in its slot without a prefill, unless a
+        new request needed the slot first.
+        """
+        drained = []
+        for b, slot in enumerate(self._slots):
+            if slot is not None:
+                drained.append(slot.flush())
+                if self.config.stale_kv:
+                    self._parked[b] = drained[-1]
         drained.extend(self._pending)
         self._pending.clear()
         self._slots = [None] * self.num_slots
@@ -259,11 +315,14 @@ class Engine:
 
         Requests in flight are re-prefilled under the new weights at the next `step` (their
         KV cache was computed by the old ones); their tokens so far keep their old versions.
+        With ``stale_kv`` they keep their slots and KV cache instead, and go on decoding.
         """
         with self._mesh_context():
             self._variables = self._prepare(
                 weight_sync.reshard(variables, self._weight_sharding), version)
         self.version = version
+        if self.config.stale_kv:
+            return
         requeued = [s.flush() for s in self._slots if s is not None]
         self._slots = [None] * self.num_slots
         with self._mesh_context():
@@ -300,6 +359,24 @@ class Engine:
     def variables(self) -> Any:
         """The engine's current (inference-precision) weights."""
         return self._variables
+
+    def warmup(self) -> None:
+        """Compiles (by running on padding rows, which change nothing) the prefill program for
+        every (rows, length) bucket of `EngineConfig.prefill_buckets` and the decode, release
+        and reactivate programs, so no later `step` compiles. Slots and requests are kept."""
+        cfg = self.config
+        with self._mesh_context():
+            for N, T in cfg.prefill_buckets():
+                rows = self._sampling_rows([Request("warmup", np.ones((1,), np.int32))], N)
+                self._state, _ = self._prefill(
+                    self._variables, self._state, np.zeros((N, T), np.int32),
+                    np.ones((N,), np.int32), np.full((N,), self.num_slots, np.int32),
+                    np.zeros((N,), np.int32), rows)
+            self._state, _ = self._decode(self._variables, self._state, np.int32(0),
+                                          np.int32(self.num_slots + 1))
+            none_B = np.zeros((self.num_slots,), bool)
+            self._state = self._release(self._state, none_B)
+            self._state = jax.block_until_ready(self._reactivate(self._state, none_B))
 
     # ------------------------------------------------------------------ internals
 
@@ -341,13 +418,38 @@ class Engine:
             return f"seed={r.seed} must be in [0, 2**32)"
         return None
 
+    def _resume_parked(self) -> None:
+        """stale_kv: waiting requests that left a parked slot unchanged go back into it."""
+        resume_B = np.zeros((self.num_slots,), bool)
+        waiting = collections.deque()
+        for r in self._pending:
+            b = next((b for b, p in self._parked.items() if _same_request(p, r)), None)
+            if b is None:
+                waiting.append(r)
+                continue
+            del self._parked[b]
+            self._slots[b] = _Slot(r)
+            resume_B[b] = True
+        if resume_B.any():
+            self._pending = waiting
+            self._stats.update(resumed_in_place=int(resume_B.sum()))
+            with self._mesh_context():
+                self._state = self._reactivate(self._state, resume_B)
+
     def _fill_free_slots(self, finished: list[Request]) -> int:
-        """Prefills waiting requests into free slots; returns the number of tokens sampled."""
-        free = [i for i, s in enumerate(self._slots) if s is None]
+        """Prefills waiting requests into free slots in one call; returns the number of tokens
+        sampled."""
+        if self._parked:
+            self._resume_parked()
+        # Slots holding no parked KV first; a parked one is given up only when needed.
+        free = sorted((i for i, s in enumerate(self._slots) if s is None),
+                      key=lambda i: i in self._parked)
         batch = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
         if not batch:
             return 0
-        N = _bucket(len(batch), 1, self.num_slots)
+        for b in free[:len(batch)]:
+            self._parked.pop(b, None)
+        N = _bucket(len(batch), self.config.min_prefill_rows, self.num_slots)
         seqs = [np.concatenate([np.asarray(r.prompt_tokens, np.int32),
                                 np.asarray(r.tokens, np.int32)]) for r in batch]
         T = _bucket(max(len(s) for s in seqs), self.config.min_prefill_len, self.config.max_len)
@@ -388,9 +490,12 @@ class Engine:
     def _decode_chunk(self, num_steps: int, finished: list[Request]) -> int:
         """Runs up to ``num_steps`` decode steps; returns the number of tokens generated."""
         start = time.perf_counter()
+        # Requests waiting: return once enough slots are free to refill them in one prefill.
+        refill_at = (min(self.config.refill_min_rows, len(self._pending)) if self._pending
+                     else self.num_slots + 1)
         with self._mesh_context():
             self._state, out = self._decode(self._variables, self._state, np.int32(num_steps),
-                                            np.bool_(len(self._pending) > 0))
+                                            np.int32(refill_at))
         steps, token_KB, logprob_KB, expert_KLBK, finish_B = jax.device_get(out)
         self._stats.update(decode_calls=1, decode_s=time.perf_counter() - start,
                            decode_steps=int(steps), decode_tokens=int((token_KB >= 0).sum()))
@@ -437,6 +542,14 @@ class Engine:
             min_new_B=np.asarray([p.min_new_tokens for p in params], np.int32),
             max_new_B=np.asarray([p.max_new_tokens for p in params], np.int32),
             stop_BS=stop_NS)
+
+
+def _same_request(parked: Request, r: Request) -> bool:
+    """Whether ``r`` is the request drained from a parked slot, unchanged since."""
+    return (r.request_id == parked.request_id and r.seed == parked.seed
+            and r.sampling == parked.sampling and r.num_generated == parked.num_generated
+            and np.array_equal(r.prompt_tokens, parked.prompt_tokens)
+            and np.array_equal(r.tokens, parked.tokens))
 
 
 @dataclasses.dataclass(frozen=True)

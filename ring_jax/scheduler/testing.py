@@ -8,8 +8,10 @@ resumed request continues where it stopped. Token ids, log-probs and expert ids 
 functions of (request seed, token index), and the response length of a request is
 ``length_fn(request)`` — so a schedule is reproducible and tests can check every recorded value.
 
-With ``decode_step_s`` / ``prefill_token_s`` it also *simulates* device time (sleeping), which
-`experiments/benchmarks/c3po.py` uses when no real engine is at hand.
+With ``decode_step_s`` / ``prefill_token_s`` / ``prefill_call_s`` it also *simulates* device time
+(sleeping), which `experiments/benchmarks/c3po.py` uses when no real engine is at hand; its
+``--calibrate`` sets them from the real engine's measured costs. ``refill_min_rows`` gathers
+refills as the real engine's `EngineConfig.refill_min_rows` does.
 """
 from __future__ import annotations
 
@@ -53,13 +55,18 @@ class FakeEngine:
       expert_ids_shape: (L_moe, K) to record routed experts per token, else None.
       decode_step_s, prefill_token_s: simulated device seconds per decode step and per token
         (re-)prefilled when a request takes a slot (a resumed one re-prefills prompt + output).
+      prefill_call_s: simulated fixed seconds per refill (one prefill call, however many rows;
+        a refill sleeps once, for its call and all its tokens).
+      refill_min_rows: refill free slots only once this many are free (or every waiting
+        request fits, or no slot is busy).
       fail_on_step: raise `FakeEngineError` on this (0-based) call of `step`.
     """
 
     def __init__(self, num_slots: int, length_fn: Callable[[Request], int], *, version: int = 0,
                  vocab_size: int = 1000, expert_ids_shape: tuple[int, int] | None = None,
                  num_experts: int = 16, decode_step_s: float = 0.0,
-                 prefill_token_s: float = 0.0, fail_on_step: int | None = None):
+                 prefill_token_s: float = 0.0, prefill_call_s: float = 0.0,
+                 refill_min_rows: int = 1, fail_on_step: int | None = None):
         self.num_slots = num_slots
         self.version = version
         self._length_fn = length_fn
@@ -68,6 +75,8 @@ class FakeEngine:
         self._num_experts = num_experts
         self._decode_step_s = decode_step_s
         self._prefill_token_s = prefill_token_s
+        self._prefill_call_s = prefill_call_s
+        self._refill_min_rows = refill_min_rows
         self._fail_on_step = fail_on_step
         self._active: list[Request] = []
         self._pending: collections.deque[Request] = collections.deque()
@@ -83,14 +92,21 @@ class FakeEngine:
             self._pending.append(request)
 
     def _refill(self) -> None:
+        free = self.num_slots - len(self._active)
+        if not self._pending or (self._active and free < min(self._refill_min_rows,
+                                                             len(self._pending))):
+            return
+        num_tokens = 0
         while self._pending and len(self._active) < self.num_slots:
             request = self._pending.popleft()
             self._targets[request.request_id] = min(int(self._length_fn(request)),
                                                     request.sampling.max_new_tokens)
-            if self._prefill_token_s:
-                time.sleep(self._prefill_token_s * (request.prompt_tokens.shape[0]
-                                                    + request.num_generated))
+            num_tokens += request.prompt_tokens.shape[0] + request.num_generated
             self._active.append(request)
+        # One prefill call for the whole refill, as the real engine's (and one sleep: many
+        # short sleeps would each pay the OS's wake-up latency).
+        if self._prefill_call_s or self._prefill_token_s:
+            time.sleep(self._prefill_call_s + self._prefill_token_s * num_tokens)
 
     def step(self, token_budget: int | None = None) -> StepOutput:
         call = self.num_step_calls

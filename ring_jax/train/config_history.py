@@ -46,6 +46,9 @@ SAFE_FIELDS = (
     "engine.num_slots",               # engine throughput knobs: batch slots, decode chunk,
     "engine.decode_chunk",            # prefill bucket (sampled tokens may differ numerically
     "engine.min_prefill_len",         # from an uninterrupted run, the state's meaning does not)
+    "engine.refill_min_rows",
+    "engine.min_prefill_rows",
+    "engine.warmup_buckets",
     "model.remat_policy",             # memory levers: same parameters, same update
     "model.attention_chunk",          # (ring_jax.plan measures them)
     "rl.num_microbatches",

@@ -55,3 +55,26 @@ def test_max_new_tokens_gives_length_finish():
     engine.add(_requests(1, max_new=5))
     (r,) = engine.step(None).finished
     assert r.num_generated == 5 and r.finish_reason == "length"
+
+
+def test_refill_min_rows_waits_for_that_many_free_slots():
+    lengths = dict(zip([f"r{i}" for i in range(6)], [3, 10, 20, 24, 30, 5]))
+    engine = testing.FakeEngine(4, lambda r: lengths[r.request_id], refill_min_rows=2)
+    engine.add(_requests(6))
+    out = engine.step(None)
+    assert sorted(r.request_id for r in out.finished) == [f"r{i}" for i in range(6)]
+    # r0 frees a slot at step 3, but the refill waits for r1's at step 10, so r4 (30 tokens)
+    # ends at 40. Refilling at once (refill_min_rows=1) would start r4 at 3 and end at 33.
+    assert engine.num_decode_steps == 10 + 30
+    for r in out.finished:
+        assert r.num_generated == lengths[r.request_id]
+
+
+def test_simulated_prefill_call_cost_is_paid_once_per_refill(monkeypatch):
+    slept = []
+    monkeypatch.setattr(testing.time, "sleep", slept.append)
+    engine = testing.FakeEngine(4, lambda r: 5, prefill_call_s=1.0, prefill_token_s=0.5)
+    engine.add(_requests(4))
+    engine.step(None)
+    # One refill of 4 requests: one call and 4 × 3 prompt tokens, in one sleep.
+    assert slept == [1.0 + 0.5 * 12]
