@@ -24,12 +24,11 @@ measured mismatch is the engine's, not tokens the trainer dropped (`derive` refu
 knob with a dropping trainer). Evaluation: 256 held-out problems, disjoint from SFT/RL data by
 construction and identical across seeds and arms.
 
-Measured before the issue-12 harness (overlapping evaluation, capacity factor 2; see
-experiments/REPRODUCING.md "Read this first"; to be rerun) at ``local``, 3 seeds, 40 RL steps:
-no arm collapses in 40 steps; "none" ends lowest on held-out pass@1 and with the largest grad
-norm, but within seed noise; IcePop does not beat TIS here; IcePop/KPop mask ~2-3% of tokens,
-whose entropy is ~2-3x the average; R3 cuts the mismatch ~5x. Runtime: ~100 s per arm per seed
-on a shared 2-core CPU (SFT ~2 min per seed), so study 2 is ~40 min and study 3 ~50 min.
+Study 2 ("stability") of this config ran before the issue-12 harness; its table is withdrawn
+(experiments/REPRODUCING.md) and replaced by Study 2b, `experiments/stability.py` (a compounding
+mismatch, an fp32 control, 5 seeds × 300 steps). Study 3 below was rerun under the harness:
+≈ 1.5 min per RL run and 3 min per SFT on the shared 2-core CPU, 10.5 min for 3 seeds run in
+parallel.
 
 Study 3 (sensitivity) under the issue-12 harness, declared before its rerun. The CPU is shared
 (load 10+ on 2 cores), so of the former 12 arms × 3 seeds the rerun keeps the arms that test a
