@@ -111,8 +111,9 @@ def test_bad_config_names_the_field(field, value):
 
 
 def test_nothing_compiles_after_warmup(engine, tiny_variables):
+    # The backend-compile events are the check; the jit caches' sizes only must not grow (their
+    # absolute size depends on what ran earlier in the process: 0 in a full-suite run).
     sizes = engine._prefill._cache_size(), engine._decode._cache_size()
-    assert sizes[0] == len(CONFIG.prefill_buckets())
     long_prompt = Request("long", np.arange(1, 50, dtype=np.int32),
                           SamplingParams(greedy=True, max_new_tokens=12))
     with CountCompiles() as compiles:
