@@ -40,7 +40,7 @@ from ring_jax.rl.advantages import AdvantageConfig
 from ring_jax.rl.losses import LossConfig
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.rollout.precision import InferencePrecision
-from ring_jax.train.multihost import EngineMeshConfig
+from ring_jax.train.multihost import EngineMeshConfig, fill_remaining_axis
 from ring_jax.scheduler.config import SchedulerConfig
 from ring_jax.train import evaluate
 from ring_jax.train import init_from as init_from_lib
@@ -173,17 +173,7 @@ class MeshConfig:
                              self.engine.num_devices,
                              f"must leave the trainer some of the {num_devices} devices")
             num_devices -= self.engine.num_devices
-        sizes = self._sizes()
-        fixed = 1
-        for size in sizes.values():
-            fixed *= size if size != -1 else 1
-        for name, size in sizes.items():
-            if size == -1:
-                if num_devices % fixed:
-                    config_lib.fail(f"mesh.{name}", size,
-                                    f"the other axes ({fixed}) must divide {num_devices} devices")
-                sizes[name] = num_devices // fixed
-        return sizes
+        return fill_remaining_axis(self._sizes(), num_devices, "mesh.", f"{num_devices} devices")
 
 
 @dataclasses.dataclass(frozen=True)

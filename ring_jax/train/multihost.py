@@ -89,18 +89,28 @@ class EngineMeshConfig:
 
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Axis sizes over the engine's ``num_devices`` devices (explicit sizes only)."""
-        sizes = {a: max(s, 1) if s != -1 else -1 for a, s in self._sizes().items()}
-        fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-        for name, size in sizes.items():
-            if size == -1:
-                config_lib.check(num_devices % fixed == 0, f"mesh.engine.{name}", size,
-                                 f"the other axes ({fixed}) must divide the engine's "
-                                 f"{num_devices} devices")
-                sizes[name] = num_devices // fixed
+        sizes = fill_remaining_axis(
+            {a: max(s, 1) if s != -1 else -1 for a, s in self._sizes().items()},
+            num_devices, "mesh.engine.", f"the engine's {num_devices} devices")
         config_lib.check(int(np.prod(list(sizes.values()))) == num_devices, "mesh.engine",
                          sizes, f"the axis sizes must multiply to the engine's {num_devices} "
                          "devices")
         return sizes
+
+
+def fill_remaining_axis(sizes: dict[str, int], num_devices: int, field_prefix: str,
+                        devices: str) -> dict[str, int]:
+    """``sizes`` with its -1 axis (at most one) taking the devices the others leave; a
+    `ConfigError` naming ``field_prefix + axis`` when the others do not divide ``num_devices``
+    (described as ``devices`` in the message)."""
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    sizes = dict(sizes)
+    for name, size in sizes.items():
+        if size == -1:
+            config_lib.check(num_devices % fixed == 0, f"{field_prefix}{name}", size,
+                             f"the other axes ({fixed}) must divide {devices}")
+            sizes[name] = num_devices // fixed
+    return sizes
 
 
 def engine_mesh(mesh, config: EngineMeshConfig = EngineMeshConfig()):
