@@ -68,9 +68,10 @@ def _check_mesh(impl, shape):
 ALL_MESHES = [(8, 1, 1, 1), (1, 1, 8, 1), (2, 1, 4, 1), (1, 2, 4, 1), (1, 4, 2, 1),
               (2, 2, 2, 1), (1, 1, 4, 2)]
 # Default set (each costs a compile): asymmetric meshes catch swapped axes ((1,2,4) vs
-# (1,4,2)), expert parallelism with tensor parallelism, both dispatch paths.
+# (1,4,2)), expert parallelism with tensor parallelism, every dispatch path
+# (`dropless_capacity`, the engine's default, with expert x tensor).
 DEFAULT = [("capacity", (1, 2, 4, 1)), ("ragged", (1, 4, 2, 1)), ("capacity", (1, 1, 4, 2)),
-           ("ragged", (2, 1, 4, 1))]
+           ("ragged", (2, 1, 4, 1)), ("dropless_capacity", (1, 1, 4, 2))]
 
 
 @pytest.mark.parametrize("impl, shape", DEFAULT)
@@ -79,7 +80,7 @@ def test_sharded_matches_single_device(impl, shape):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl, shape", [(i, s) for i in ("capacity", "ragged")
+@pytest.mark.parametrize("impl, shape", [(i, s) for i in ("capacity", "ragged", "dropless_capacity")
                                          for s in ALL_MESHES if (i, s) not in DEFAULT])
 def test_sharded_matches_single_device_all_meshes(impl, shape):
     _check_mesh(impl, shape)
