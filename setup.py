@@ -28,6 +28,8 @@ EXTRAS = {
     "tpu-aot": ["libtpu==0.0.42.*"],
     # Optional procedural task generators.
     "gym": ["reasoning-gym>=0.1.25,<0.2"],
+    # The peer framework of `experiments/benchmarks/rl_step.py --peer=tunix` (not in CI).
+    "peer": ["google-tunix==0.1.7"],
 }
 
 setuptools.setup(
