@@ -18,6 +18,14 @@ cache of max_len 288, every slot at position 160), side by side in one run:
 step/forward − 1 is the share of sampling and bookkeeping; forward/xla is how far XLA:CPU's
 kernels run from peak; xla/roofline is the extra work the compiled program does (dispatch
 buffers, unfused intermediates, capacity slack over the routed FLOPs).
+
+``--op_profile`` then traces the engine's decode (`jax.profiler`: XLA:CPU records one event
+per executed HLO op, its "thunk") and prints, per decode step, the ops' summed time by kind
+(`op_kind`: matmul, elementwise fusion, sort, gather/scatter/slices, copies, ...), the number
+of ops executed, and the summed op time against the step's wall time (the rest is the
+runtime's own dispatch between ops and the host round trips):
+
+    PYTHONPATH=. python experiments/benchmarks/decode_profile.py --batch_sizes=16,64 --moe_impls=dropless_capacity --op_profile
 """
 from __future__ import annotations
 
@@ -57,11 +65,81 @@ def forward_cost(cfg, variables, config, precision, impl):
     return (lambda: fn(weights, tokens, positions, cache)), cost["flops"], cost["bytes accessed"]
 
 
+# Kinds of executed HLO ops, from the words of an op's name (XLA names an instruction after
+# its opcode, a fusion after the ops it fused: "transpose_copy_fusion.11", "ynn_fusion.9" a
+# YNNPACK matmul fusion, "wrapped_tanh" one op). Checked in this order; the first match wins.
+OP_KINDS = (("matmul", ("ynn", "xnn", "dot", "convolution", "custom-call")),
+            ("sort / top-k", ("sort", "topk")),
+            ("gather / scatter / dynamic slices", ("gather", "scatter", "dynamic-slice",
+                                                   "dynamic-update-slice")),
+            ("reduce", ("reduce", "reduce-window")),
+            ("rng", ("rng", "rng-bit-generator", "threefry2x32")))
+LAYOUT_WORDS = {"copy", "transpose", "concatenate", "broadcast", "pad", "reshape", "bitcast",
+                "iota", "slice"}
+# Control flow: their events span the ops they run, which are recorded themselves.
+CONTROL_OPS = ("cond", "conditional", "while", "call")
+
+
+def op_kind(hlo_op: str) -> str:
+    """The kind of an executed HLO op from its name ("ynn_fusion.9" -> "matmul")."""
+    base = hlo_op.split(".")[0]
+    if base in CONTROL_OPS:
+        return "control"
+    words = [w for w in base.removeprefix("wrapped_").split("_") if w != "fusion"]
+    for kind, names in OP_KINDS:
+        if any(w in names for w in words):
+            return kind
+    if words and all(w in LAYOUT_WORDS for w in words):
+        return "copy / layout"
+    return "elementwise"
+
+
+def op_profile(engine, batch: int, new_tokens: int, trace_dir: str):
+    """Traces one decode of `batch` requests × `new_tokens` tokens; returns the decode
+    program's name, {op kind: seconds per decode step}, executed ops per step (control flow
+    included), distinct ops, the traced run's wall seconds per token (its prefill included)
+    and {op name: seconds per step}."""
+    import glob  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from collections import Counter, defaultdict  # noqa: PLC0415
+    jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
+    run(engine, requests(batch, new_tokens))
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True),
+                  key=os.path.getmtime)[-1]
+    per_module = defaultdict(lambda: defaultdict(float))
+    runs = defaultdict(set)
+    count = Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" not in stats:
+                    continue
+                module = stats.get("hlo_module", "?")
+                runs[module].add(stats.get("run_id"))
+                count[module] += 1
+                per_module[module][stats["hlo_op"]] += event.duration_ns * 1e-9
+    # The decode program: the one with the most op time (prefill runs once per batch).
+    decode = max(per_module, key=lambda m: sum(per_module[m].values()))
+    steps = new_tokens - 1  # the first token comes from the prefill
+    ops = {op: s / steps for op, s in per_module[decode].items() if op_kind(op) != "control"}
+    kinds = defaultdict(float)
+    for op, seconds in ops.items():
+        kinds[op_kind(op)] += seconds
+    num_ops = sum(1 for op in per_module[decode] if op_kind(op) != "control")
+    return decode, dict(kinds), count[decode] / steps, num_ops, wall / new_tokens, ops
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch_sizes", default="16,64")
     parser.add_argument("--moe_impls", default="capacity,dropless_capacity")
     parser.add_argument("--timed_tokens", type=int, default=32)
+    parser.add_argument("--op_profile", action="store_true",
+                        help="also trace the decode and print its time per op kind")
     args = parser.parse_args()
     cfg = presets.get("small")
     precision = InferencePrecision("float32")
@@ -94,6 +172,20 @@ def main():
             print(f"{B:4d} {impl:>17s} {step * 1e3:8.1f} {fwd * 1e3:7.1f} {xla * 1e3:7.1f} "
                   f"{roof * 1e3:7.1f} {xla_flops / 1e9:9.2f} {xla_bytes / 1e6:7.0f} "
                   f"{fwd / step:8.0%} {xla / fwd:7.0%} {roof / step:9.1%}")
+        if args.op_profile:
+            import tempfile  # noqa: PLC0415
+            for impl, row in rows.items():
+                module, kinds, executed, distinct, wall, ops = op_profile(
+                    row[0], B, args.timed_tokens, tempfile.mkdtemp())
+                busy = sum(kinds.values())
+                print(f"  B={B} {impl} ({module}): {executed:.0f} ops executed per decode "
+                      f"step ({distinct} distinct); summed op time {busy * 1e3:.1f} ms per "
+                      f"step; traced run {wall * 1e3:.1f} ms wall per token (prefill "
+                      f"included)")
+                for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+                    print(f"    {kind:28s} {seconds * 1e3:7.2f} ms  {seconds / busy:5.1%}")
+                top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+                print("    slowest ops: " + ", ".join(f"{op} {s * 1e3:.2f} ms" for op, s in top))
 
 
 if __name__ == "__main__":
