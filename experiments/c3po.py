@@ -27,6 +27,36 @@ differ only in ``scheduler``:
                           (`scheduler.mode="paced"`): nothing purged, every trained token within
                           σ_max; compare trained response lengths with sync's (length bias)
 
+Parity study (issue 14 item 5; design and readouts declared before its runs)
+---------------------------------------------------------------------------
+Question: does C3PO++ with paced admission reach the held-out accuracy of synchronous rollouts?
+An equivalence test, not "no significant difference".
+
+* **Arms** (`PARITY_ARMS`): ``sync`` (the baseline) and ``paced`` (Φ = 1024, σ_max = 4, paced
+  admission: nothing purged). Everything else as above (SFT 400 steps, 60 RL steps, engine
+  warm-up on, the long-tailed 1-12 digit addition mix).
+* **Seeds**: `PARITY_SEEDS` (0-4), paired by seed: arms of seed s share the SFT warm start
+  ``sft_s<s>``, the data order and the sampling streams, and run back to back. Seeds 0 and 1
+  run first as the pilot; their runtime (not their outcome) decides whether all 5 seeds fit
+  the session, else the study stops at 3.
+* **Evaluation**: greedy pass@1 through a float32 engine (a function of the policy alone) on
+  `PARITY_EVAL_PROMPTS` = 1024 fixed held-out problems (`ring_jax.train.evaluate.eval_records`:
+  the task's held-out split, disjoint from every SFT/RL draw by construction (`in_eval_split`),
+  drawn with a constant seed, identical across seeds and arms), at RL steps 0, 10, ..., 60.
+  1024 problems: one evaluation's binomial standard error is ≤ 0.016, and the primary outcome
+  averages 4 of them, so the evaluation adds ≤ ~0.01 to a seed's paired difference, well under
+  the margin; the spread between seeds (training noise) is what the seeds measure.
+* **Primary outcome**: pass@1, mean of the last 4 evaluations (steps 30-60), per seed.
+* **Verdict** (`stats.tost`, margin `PARITY_MARGIN` = ±0.05): the paired differences
+  d_s = paced_s − sync_s; two one-sided t-tests (df = seeds − 1) at α = 0.05, i.e. the 90% t
+  confidence interval of mean d. CI inside (−0.05, +0.05) → "equivalent within ±0.05"; CI
+  entirely outside it → "not equivalent"; otherwise "inconclusive".
+* **Readouts** (`READOUTS`, per run, paired against sync): the trained responses' length (mean
+  over the run of the per-step mean and p90 of ``sched/trained_response_len``: length bias),
+  the purged % (must be 0 for paced), RL seconds (``time/rl_s``, the x axis of the curves), and
+  the RL gain (pass@1 last 4 evals − before RL), which says whether 60 steps moved the policy
+  enough for parity to mean something.
+
 Commands (resumable; figures and table.md into <figures>/<study>/):
 
     python experiments/sweep.py --config=experiments/c3po.py:local \
@@ -83,9 +113,18 @@ STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_
 TIME_KEY = "time/rl_s"
 TABLE_LAST = 30
 
+# The parity study (issue 14 item 5; design and readouts in the module docstring, fixed before
+# its runs): sync (the baseline) vs paced C3PO++, paired by seed, held-out greedy pass@1.
+PARITY_SEEDS = (0, 1, 2, 3, 4)
+PARITY_ARMS = {"sync": "mode=sync", "paced": "mode=paced"}
+PARITY_EVAL_PROMPTS = 1024
+PARITY_MARGIN = 0.05  # the TOST equivalence margin on the paired pass@1 difference
+BASELINE = {"parity": "sync"}
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    known_flags, known_values = {"sft", "local", "smoke"}, {"mode", "phi", "sigma", "k", "seed"}
+    known_flags = {"sft", "local", "smoke", "parity"}
+    known_values = {"mode", "phi", "sigma", "k", "seed"}
     flags, values = parse_config_arg(arg, known_flags, known_values)
     c = common.base_config()
     c.seed = int(values.get("seed", 0))
@@ -102,6 +141,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.engine.warmup_buckets = True  # compile every prefill bucket before step 1 (issue 14)
     c.eval.update(every=10, num_prompts=256, num_samples=2)
     c.checkpoint.update(save_every=20, max_to_keep=1)
+    if "parity" in flags:  # greedy pass@1 on a larger fixed held-out set; no sampled avg@k
+        c.eval.update(num_prompts=PARITY_EVAL_PROMPTS, num_samples=1)
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:
         common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),
@@ -115,7 +156,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "") -> list[dict]:
     """One SFT warm start per seed, then every study's arms × seeds initialised from it (runs
-    shared between studies run once). Run dicts as in experiments/icepop.py."""
+    shared between studies run once). Run dicts as in experiments/icepop.py. ``parity``: the
+    parity study alone (its own SFT warm starts, seeds `PARITY_SEEDS`)."""
+    if arg == "parity":
+        runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s},parity", study="sft", label="sft",
+                     init=None) for s in PARITY_SEEDS]
+        return runs + [dict(name=f"{label}_s{s}", arg=f"{arm},seed={s},parity", study="parity",
+                            label=label, init=f"sft_s{s}")
+                       for s in PARITY_SEEDS for label, arm in PARITY_ARMS.items()]
     size = "," + arg if arg else ""
     runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
                  init=None) for s in SEEDS]
