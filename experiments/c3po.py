@@ -81,6 +81,7 @@ for all three studies on a quiet 2-core CPU.
 """
 import json
 import os
+import sys
 
 import ml_collections
 import numpy as np
@@ -88,6 +89,9 @@ import numpy as np
 from experiments import common
 from ring_jax.train import metrics as metrics_lib
 from ring_jax.train.experiment import complete, parse_config_arg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402  (experiments/stats.py, beside this file)
 
 SEEDS = (0, 1, 2)
 DEFAULT_PHI, DEFAULT_SIGMA = 1024, 4
@@ -120,6 +124,38 @@ PARITY_ARMS = {"sync": "mode=sync", "paced": "mode=paced"}
 PARITY_EVAL_PROMPTS = 1024
 PARITY_MARGIN = 0.05  # the TOST equivalence margin on the paired pass@1 difference
 BASELINE = {"parity": "sync"}
+LAST_EVALS = 4  # the primary outcome: pass@1 averaged over the evaluations at steps 30-60
+
+
+def _run_mean_readout(metric: str) -> stats.Readout:
+    """A run's mean of the per-step ``metric`` over all its RL steps (None if never logged)."""
+    def readout(records):
+        values = [r[metric] for r in records if isinstance(r.get(metric), (int, float))
+                  and np.isfinite(r[metric])]
+        return float(np.mean(values)) if values else None
+    readout.description = f"mean over the run's RL steps of {metric}"
+    return readout
+
+
+def _pass_at_1(records) -> list[float]:
+    return [r["eval/pass@1"] for r in sorted(records, key=lambda r: r.get("step", 0))
+            if isinstance(r.get("eval/pass@1"), (int, float))]
+
+
+def _rl_gain(records):
+    """Held-out pass@1, mean of the last LAST_EVALS evaluations minus the one before RL."""
+    evals = _pass_at_1(records)
+    return stats.last_evaluations_mean(evals, LAST_EVALS) - evals[0] if len(evals) > 1 else None
+
+
+_rl_gain.description = (f"held-out pass@1 mean of the last {LAST_EVALS} evaluations − pass@1 "
+                        "before RL (how far RL moved the policy)")
+
+READOUTS = {
+    "trained len mean": _run_mean_readout("sched/trained_response_len_mean"),
+    "trained len p90": _run_mean_readout("sched/trained_response_len_p90"),
+    "RL gain pass@1": _rl_gain,
+}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -247,4 +283,33 @@ def extra_table(groups: dict[str, list[str]]) -> str:
                 speedups.append(work(sync)[0] / row[0])
         cells.append(f"{np.mean(speedups):.2f} ± {np.std(speedups):.2f}" if speedups else "–")
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + equivalence_table(groups)
+
+
+def _primary_outcome(workdir: str) -> float:
+    """Held-out greedy pass@1, mean of the run's last LAST_EVALS evaluations."""
+    records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return stats.last_evaluations_mean(_pass_at_1(records), LAST_EVALS)
+
+
+def equivalence_table(groups: dict[str, list[str]], baseline: str = "sync",
+                      margin: float = PARITY_MARGIN) -> str:
+    """The parity verdict of every arm against ``baseline``: a TOST (`stats.tost`) at ±``margin``
+    of the per-seed paired differences of held-out pass@1 (mean of the last LAST_EVALS
+    evaluations); "" when the study has no ``baseline`` arm."""
+    if baseline not in groups:
+        return ""
+    by_seed = {label: {int(os.path.basename(os.path.normpath(w)).rsplit("_s", 1)[1]):
+                       _primary_outcome(w) for w in workdirs}
+               for label, workdirs in groups.items()}
+    lines = [f"Equivalence to {baseline} (TOST at ±{margin:g}, α = 0.05; paired per seed: "
+             f"held-out pass@1, mean of the last {LAST_EVALS} evaluations, arm − {baseline}):",
+             ""]
+    for label, arm in by_seed.items():
+        if label == baseline:
+            continue
+        seeds = sorted(set(arm) & set(by_seed[baseline]))
+        diffs = [arm[s] - by_seed[baseline][s] for s in seeds]
+        lines.append(f"- {label}: " + stats.format_equivalence(stats.tost(diffs, margin))
+                     + "; per seed " + ", ".join(f"s{s} {d:+.3f}" for s, d in zip(seeds, diffs)))
     return "\n".join(lines) + "\n"
