@@ -239,6 +239,7 @@ _KEYS = ("perf/step_s", "perf/rollout_s", "perf/train_s", "rollout/engine/prefil
          "rollout/engine/prefill_tokens", "rollout/engine/prefill_resumed_tokens",
          "rollout/engine/prefill_calls",
          "rollout/tokens_generated", "rl/response_tokens")
+EXTRACT_KEYS = _KEYS  # sweep.py --extract keeps them, so extra_table regenerates from extracts
 
 
 def _work(workdir: str) -> list[float]:
