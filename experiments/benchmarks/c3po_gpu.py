@@ -4,21 +4,23 @@ The same measurement as ``experiments/benchmarks/c3po.py --engine=real`` (the ro
 a real jitted SGD train step, weights synced to the engine after every batch, response lengths
 scripted to a long-tailed mix, the engine's prefill bucket grid compiled before anything is
 timed), at the shapes where the paper's claim is made: bf16 engine and trainer, a larger MoE
-(`GPU`: 8 layers, d = 1024, 64 experts top-8, ~0.6 B parameters, dropless ``ragged`` dispatch),
-64 slots, batches of 64 responses (G = 8), lengths 85% U[128, 256] and 15% U[1536, 2048]. Arms:
-sync, C3PO++ (σ_max purge) and paced (admission paced, nothing purged), each with Φ = one
-batch's expected tokens and σ_max = 4; printed as rollout-phase and end-to-end seconds per 1k
-trained tokens and their ratios to sync, with the purged fraction and mean trained length.
+(`GPU`: 8 layers, d = 1024, 64 experts top-8, 0.75 B parameters of which 0.13 B active,
+dropless ``ragged`` dispatch), 64 slots, batches of 64 responses (G = 8), lengths 85%
+U[128, 256] and 15% U[1536, 2048]. Arms: sync, C3PO++ (σ_max purge) and paced (admission
+paced, nothing purged), each with Φ = one batch's expected tokens and σ_max = 4; printed as
+rollout-phase and end-to-end seconds per 1k trained tokens and their ratios to sync, with the
+purged fraction and mean trained length.
 
     python experiments/benchmarks/c3po_gpu.py                    # on a GPU (or TPU)
-    python experiments/benchmarks/c3po_gpu.py --tiny             # any CPU, ~10-30 s
+    python experiments/benchmarks/c3po_gpu.py --tiny             # any CPU, < 1 min
     python experiments/benchmarks/c3po_gpu.py --json=$OUT/c3po_gpu.json
 
 ``--tiny`` (`TINY`) runs the identical code path at toy shapes, so the script is tested on CPU
 (tests/experiments/test_c3po_gpu_bench.py) and never needs an accelerator; without it the
 script refuses to start on a CPU (it would run for hours) with a one-line message. The budget:
-warm-up (compiles) ~1-2 min, then 3 arms × (1 + ``--num_batches``) batches; ``--time_limit_s``
-stops measuring further arms once exceeded and says so (the ratios of the arms measured stand).
+warm-up (compiles) ~1-2 min, then 3 arms × (``--gpu_warmup_batches`` + ``--gpu_batches``)
+batches; ``--time_limit_s`` stops measuring further arms once exceeded and says so (the ratios
+of the arms measured stand).
 Expected on a GPU (not yet run: no device was lent to the session that wrote it): decode-bound
 rollouts, so the paper's regime — C3PO++ rollout ≥ 2× sync — is what it checks.
 """

@@ -24,7 +24,7 @@ def test_tiny_size_runs_every_arm_on_cpu():
     bench = _load_bench()
     size = bench.TINY
     assert (size.dtype, size.moe_impl) == (bench.GPU.dtype, bench.GPU.moe_impl)  # same path
-    assert bench.GPU.num_slots == 64 and bench.GPU.max_new == 2048 and bench.GPU.dtype == "bfloat16"
+    assert (bench.GPU.num_slots, bench.GPU.max_new, bench.GPU.dtype) == (64, 2048, "bfloat16")
     result = bench.measure(size, num_batches=1, warmup_batches=1)
     assert result["platform"] == "cpu" and not result["skipped"]
     names = list(result["arms"])
