@@ -76,7 +76,7 @@ def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file):
         assert cfg.scheduler.mode == r["label"] and cfg.seed == int(seed)
         evals.add((cfg.eval.num_prompts, cfg.eval.greedy_engine, cfg.eval.every,
                    cfg.rl.num_steps, tuple(sorted(dict(cfg.task.kwargs).items()))))
-    assert evals == {(study.PARITY_EVAL_PROMPTS, "float32", 10, 60,
+    assert evals == {(study.PARITY_EVAL_PROMPTS, "float32", 20, 60,
                       tuple(sorted(dict(min_size=1, max_size=12, size_tail=1.5,
                                         show_steps=True).items())))}
 
@@ -93,7 +93,7 @@ def _fake_run(root, name, evals, lengths=(20.0,)):
 
 def test_equivalence_table_and_readouts_hand_checked(experiment_file, tmp_path):
     study = experiment_file("c3po")
-    # Last-4 means: sync 0.5 / 0.6 / 0.4; paced +0.01, +0.03, +0.02 above them (the first
+    # Last-2 means: sync 0.5 / 0.6 / 0.4; paced +0.01, +0.03, +0.02 above them (the first
     # evaluation is outside the window): d = (0.01, 0.03, 0.02), 90% t-CI [+0.003, +0.037]
     # (tests/experiments/test_stats.py) -> equivalent within ±0.05.
     groups = {"sync": [], "paced": []}
