@@ -145,19 +145,22 @@ def _pass_at_1(records) -> list[float]:
             if isinstance(r.get("eval/pass@1"), (int, float))]
 
 
-def _rl_gain(records):
-    """Held-out pass@1, mean of the last LAST_EVALS evaluations minus the one before RL."""
+def _rl_gain_points(records):
+    """Held-out pass@1, mean of the last LAST_EVALS evaluations minus the one before RL, in
+    points (× 100: table.md prints readouts with one decimal)."""
     evals = _pass_at_1(records)
-    return stats.last_evaluations_mean(evals, LAST_EVALS) - evals[0] if len(evals) > 1 else None
+    if len(evals) < 2:
+        return None
+    return 100.0 * (stats.last_evaluations_mean(evals, LAST_EVALS) - evals[0])
 
 
-_rl_gain.description = (f"held-out pass@1 mean of the last {LAST_EVALS} evaluations − pass@1 "
-                        "before RL (how far RL moved the policy)")
+_rl_gain_points.description = (f"held-out pass@1 mean of the last {LAST_EVALS} evaluations − "
+                               "pass@1 before RL, in points (how far RL moved the policy)")
 
 READOUTS = {
     "trained len mean": _run_mean_readout("sched/trained_response_len_mean"),
     "trained len p90": _run_mean_readout("sched/trained_response_len_p90"),
-    "RL gain pass@1": _rl_gain,
+    "RL gain pass@1 pts": _rl_gain_points,
 }
 
 
@@ -242,7 +245,11 @@ _KEYS = ("perf/step_s", "perf/rollout_s", "perf/train_s", "rollout/engine/prefil
          "rollout/engine/prefill_tokens", "rollout/engine/prefill_resumed_tokens",
          "rollout/engine/prefill_calls",
          "rollout/tokens_generated", "rl/response_tokens")
-EXTRACT_KEYS = _KEYS  # sweep.py --extract keeps them, so extra_table regenerates from extracts
+# What sweep.py --extract keeps besides STUDY_METRICS: the work table's keys (extra_table
+# regenerates from the extracts), evaluations, clocks and scheduler totals; no per-position
+# mismatch or entropy curves (they would double the extracts' size).
+EXTRACT_KEYS = _KEYS
+EXTRACT_PREFIXES = ("step", "eval/", "time/rl_s", "time/elapsed_s", "sched/total/")
 
 
 def _work(workdir: str) -> list[float]:

@@ -111,7 +111,7 @@ def test_equivalence_table_and_readouts_hand_checked(experiment_file, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(groups["paced"][0],
                                                               "metrics.jsonl"))]
     assert study.READOUTS["trained len mean"](records) == pytest.approx(35.0)
-    assert study.READOUTS["RL gain pass@1"](records) == pytest.approx(0.51 - 0.9)
+    assert study.READOUTS["RL gain pass@1 pts"](records) == pytest.approx(100 * (0.51 - 0.9))
 
 
 @pytest.mark.slow
