@@ -297,6 +297,40 @@ def extra_table(groups: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n\n" + equivalence_table(groups)
 
 
+PARITY_FIGURE_METRICS = ("eval/pass@1", "rl/reward_mean", "sched/trained_response_len_mean")
+
+
+def extra_figures(groups: dict[str, list[str]], out_dir: str, baseline: str | None) -> str:
+    """sweep.py's hook: ``curves_per_seed_vs_rl_time.png``, every seed's own curve (thin, one
+    colour per arm; arm means would need a common time grid, and seeds under different machine
+    load share little of one) of `PARITY_FIGURE_METRICS` against ``time/rl_s``; an evaluation
+    is placed at its step's RL seconds (0 before RL). Reward and length: 5-step moving mean."""
+    import plot  # noqa: E402  (experiments/plot.py; sweep.py put its directory on sys.path)
+    plt, fig, axes = plot._figure(len(PARITY_FIGURE_METRICS))
+    for i, (label, workdirs) in enumerate(groups.items()):
+        for j, workdir in enumerate(workdirs):
+            records = plot.read_metrics(workdir)
+            rl_s = {r["step"]: r["time/rl_s"] for r in records if "time/rl_s" in r}
+            rl_s[0] = 0.0
+            for ax, metric in zip(axes, PARITY_FIGURE_METRICS):
+                steps, values = plot.series(records, metric)
+                x = np.asarray([rl_s.get(int(step), np.nan) for step in steps]) / 60.0
+                if metric != "eval/pass@1":
+                    values = plot.smooth(values, 5)
+                ax.plot(x, values, color=f"C{i}", lw=1, alpha=0.8,
+                        marker="o" if metric == "eval/pass@1" else None, ms=3,
+                        label=label if j == 0 else None)
+    for ax, metric in zip(axes, PARITY_FIGURE_METRICS):
+        ax.set(title=metric, xlabel="time/rl_s (min)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves_per_seed_vs_rl_time.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _primary_outcome(workdir: str) -> float:
     """Held-out greedy pass@1, mean of the run's last LAST_EVALS evaluations."""
     records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
