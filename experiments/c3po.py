@@ -65,22 +65,31 @@ Commands (resumable; figures and table.md into <figures>/<study>/):
     python experiments/sweep.py --config=experiments/c3po.py:local \
         --root=runs/c3po --figures=experiments/figures/c3po
     python experiments/sweep.py --config=experiments/c3po.py:local --study=modes --seeds=0 ...
+    python experiments/sweep.py --config=experiments/c3po.py:parity --root=runs/c3po_parity \
+        --figures=experiments/figures/c3po_parity --extract=experiments/results/c3po_parity
+    python experiments/sweep.py --config=experiments/c3po.py:parity \
+        --root=experiments/results/c3po_parity --figures=experiments/figures/c3po_parity \
+        --plot_only                     # the parity table and figures from the extracts
 
 Args (comma-separated after ':'):
   mode=sync|c3po|paced|async   the scheduler (default c3po)
   phi=N, sigma=N, k=N      C3PO++ budget Φ and bound σ_max; async staleness k
   seed=N
   sft                      SFT warm start only (rl.num_steps = 0)
-  local                    the CPU size used for REPRODUCING.md
+  local                    the CPU size of the older studies
+  parity                   the parity study's evaluation (1024 problems, every 20 steps)
   smoke                    a tiny run for the end-to-end test (learns nothing)
 
-Expected (measured at ``local``, 3 seeds; experiments/REPRODUCING.md "Study 4"): C3PO++ cuts
-decode steps ~3x and keeps every slot busy, but on a 2-core CPU re-prefilling the responses it
-carries over costs as much as that saves, so it is level with sync end to end; async (k = 1)
-overlaps generation with the train step on the second core, ~1.3x; σ_max = 1-2 purges 15-35%
-of the responses, the long ones. Every wall-clock figure depends on the machine's load: compare
-arms of the same seed (run back to back) and read the ratios, not the absolute seconds. ~31 min
-for all three studies on a quiet 2-core CPU.
+Expected. ``parity`` (measured, 5 seeds, 59 min on the shared 2-core CPU at load 7-19;
+experiments/REPRODUCING.md "Study 4"): paced C3PO++ equivalent to sync within ±0.05 on held-out
+pass@1 (paced − sync −0.009, 90% CI [−0.017, −0.001], TOST p = 0.0002), but lower in 5 of 5
+seeds, on a pass@1 of only 0.03-0.09 that 60 RL steps lower in both arms (−1.7 / −2.6 points);
+nothing purged, the same mean trained length (+0.3 tokens, n.s.); 29 vs 52 decode steps per RL
+step, slot use 79% vs 42%. The older studies (``local``; their write-up is withdrawn): C3PO++
+cut decode steps ~3x and kept the slots busy, async overlapped generation with the train step
+on the second core, σ_max = 1-2 purged 15-35% of the responses, the long ones. Every
+wall-clock figure depends on the machine's load: compare arms of the same seed run back to back
+and read the ratios, not the absolute seconds.
 """
 import json
 import os
