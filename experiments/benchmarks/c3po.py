@@ -246,7 +246,8 @@ class RealBench:
             max_active_requests=2 * size.num_slots, step_chunk_tokens=size.step_chunk_tokens,
             num_reward_workers=2, max_staleness=1)
         self.lengths = length_mix(size.short, size.long, size.long_frac)
-        self.variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+        # Jitted: an eager init dispatches (and compiles) every initializer op one by one.
+        self.variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
 
         @jax.jit
         def sgd_step(variables, batch):

@@ -42,7 +42,10 @@ GPU = bench_lib.RealSize(
     model_overrides=(("num_layers", 8), ("hidden_size", 1024), ("num_heads", 16),
                      ("num_kv_heads", 4), ("head_dim", 64), ("intermediate_size", 4096),
                      ("num_experts", 64), ("num_experts_per_tok", 8),
-                     ("moe_intermediate_size", 512), ("n_group", 8), ("topk_group", 4)),
+                     ("moe_intermediate_size", 512), ("n_group", 8), ("topk_group", 4),
+                     # The train step on 64 × 2096 tokens: float32 scores 512 queries at a
+                     # time and per-block remat keep it to a few GB.
+                     ("attention_chunk", 512), ("remat_policy", "full")),
     dtype="bfloat16", moe_impl="ragged", num_slots=64, group_size=8, batch_size=64,
     prompt_len=(16, 48), short=(128, 256), long=(1536, 2048), long_frac=0.15,
     decode_chunk=32, min_prefill_len=128, refill_min_rows=8, step_chunk_tokens=2048)
