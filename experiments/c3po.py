@@ -27,30 +27,73 @@ differ only in ``scheduler``:
                           (`scheduler.mode="paced"`): nothing purged, every trained token within
                           σ_max; compare trained response lengths with sync's (length bias)
 
+Parity study (issue 14 item 5; design and readouts declared before its runs)
+---------------------------------------------------------------------------
+Question: does C3PO++ with paced admission reach the held-out accuracy of synchronous rollouts?
+An equivalence test, not "no significant difference".
+
+* **Arms** (`PARITY_ARMS`): ``sync`` (the baseline) and ``paced`` (Φ = 1024, σ_max = 4, paced
+  admission: nothing purged). Everything else as above (SFT 400 steps, 60 RL steps, engine
+  warm-up on, the long-tailed 1-12 digit addition mix).
+* **Seeds**: `PARITY_SEEDS` (0-4), paired by seed: arms of seed s share the SFT warm start
+  ``sft_s<s>``, the data order and the sampling streams, and run back to back. Seeds 0 and 1
+  run first as the pilot; their runtime (not their outcome) decides whether all 5 seeds fit
+  the session, else the study stops at 3.
+* **Evaluation**: greedy pass@1 through a float32 engine (a function of the policy alone) on
+  `PARITY_EVAL_PROMPTS` = 1024 fixed held-out problems (`ring_jax.train.evaluate.eval_records`:
+  the task's held-out split, disjoint from every SFT/RL draw by construction (`in_eval_split`),
+  drawn with a constant seed, identical across seeds and arms), at RL steps 0, 20, 40, 60.
+  1024 problems: one evaluation's binomial standard error is ≤ 0.016, and the primary outcome
+  averages 2 of them, so the evaluation adds ≤ ~0.01 to a seed's paired difference, well under
+  the margin; the spread between seeds (training noise) is what the seeds measure.
+  (Declared first as every 10 steps with the last 4 averaged; changed to this before any run
+  had evaluated anything, when the pilot's start-up showed the shared CPU at load ~15 could
+  not afford 7 evaluations of 2 × 1024 responses per run.)
+* **Primary outcome**: pass@1, mean of the last 2 evaluations (steps 40 and 60), per seed.
+* **Verdict** (`stats.tost`, margin `PARITY_MARGIN` = ±0.05): the paired differences
+  d_s = paced_s − sync_s; two one-sided t-tests (df = seeds − 1) at α = 0.05, i.e. the 90% t
+  confidence interval of mean d. CI inside (−0.05, +0.05) → "equivalent within ±0.05"; CI
+  entirely outside it → "not equivalent"; otherwise "inconclusive".
+* **Readouts** (`READOUTS`, per run, paired against sync): the trained responses' length (mean
+  over the run of the per-step mean and p90 of ``sched/trained_response_len``: length bias),
+  the purged % (must be 0 for paced), RL seconds (``time/rl_s``, the x axis of the curves), and
+  the RL gain (pass@1 last 2 evals − before RL), which says whether 60 steps moved the policy
+  enough for parity to mean something.
+
 Commands (resumable; figures and table.md into <figures>/<study>/):
 
     python experiments/sweep.py --config=experiments/c3po.py:local \
         --root=runs/c3po --figures=experiments/figures/c3po
     python experiments/sweep.py --config=experiments/c3po.py:local --study=modes --seeds=0 ...
+    python experiments/sweep.py --config=experiments/c3po.py:parity --root=runs/c3po_parity \
+        --figures=experiments/figures/c3po_parity --extract=experiments/results/c3po_parity
+    python experiments/sweep.py --config=experiments/c3po.py:parity \
+        --root=experiments/results/c3po_parity --figures=experiments/figures/c3po_parity \
+        --plot_only                     # the parity table and figures from the extracts
 
 Args (comma-separated after ':'):
   mode=sync|c3po|paced|async   the scheduler (default c3po)
   phi=N, sigma=N, k=N      C3PO++ budget Φ and bound σ_max; async staleness k
   seed=N
   sft                      SFT warm start only (rl.num_steps = 0)
-  local                    the CPU size used for REPRODUCING.md
+  local                    the CPU size of the older studies
+  parity                   the parity study's evaluation (1024 problems, every 20 steps)
   smoke                    a tiny run for the end-to-end test (learns nothing)
 
-Expected (measured at ``local``, 3 seeds; experiments/REPRODUCING.md "Study 4"): C3PO++ cuts
-decode steps ~3x and keeps every slot busy, but on a 2-core CPU re-prefilling the responses it
-carries over costs as much as that saves, so it is level with sync end to end; async (k = 1)
-overlaps generation with the train step on the second core, ~1.3x; σ_max = 1-2 purges 15-35%
-of the responses, the long ones. Every wall-clock figure depends on the machine's load: compare
-arms of the same seed (run back to back) and read the ratios, not the absolute seconds. ~31 min
-for all three studies on a quiet 2-core CPU.
+Expected. ``parity`` (measured, 5 seeds, 59 min on the shared 2-core CPU at load 7-19;
+experiments/REPRODUCING.md "Study 4"): paced C3PO++ equivalent to sync within ±0.05 on held-out
+pass@1 (paced − sync −0.009, 90% CI [−0.017, −0.001], TOST p = 0.0002), but lower in 5 of 5
+seeds, on a pass@1 of only 0.03-0.09 that 60 RL steps lower in both arms (−1.7 / −2.6 points);
+nothing purged, the same mean trained length (+0.3 tokens, n.s.); 29 vs 52 decode steps per RL
+step, slot use 79% vs 42%. The older studies (``local``; their write-up is withdrawn): C3PO++
+cut decode steps ~3x and kept the slots busy, async overlapped generation with the train step
+on the second core, σ_max = 1-2 purged 15-35% of the responses, the long ones. Every
+wall-clock figure depends on the machine's load: compare arms of the same seed run back to back
+and read the ratios, not the absolute seconds.
 """
 import json
 import os
+import sys
 
 import ml_collections
 import numpy as np
@@ -58,6 +101,9 @@ import numpy as np
 from experiments import common
 from ring_jax.train import metrics as metrics_lib
 from ring_jax.train.experiment import complete, parse_config_arg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402  (experiments/stats.py, beside this file)
 
 SEEDS = (0, 1, 2)
 DEFAULT_PHI, DEFAULT_SIGMA = 1024, 4
@@ -83,9 +129,53 @@ STUDY_METRICS = ("rl/reward_mean", "eval/pass@1", "perf/rollout_s", "perf/train_
 TIME_KEY = "time/rl_s"
 TABLE_LAST = 30
 
+# The parity study (issue 14 item 5; design and readouts in the module docstring, fixed before
+# its runs): sync (the baseline) vs paced C3PO++, paired by seed, held-out greedy pass@1.
+PARITY_SEEDS = (0, 1, 2, 3, 4)
+PARITY_ARMS = {"sync": "mode=sync", "paced": "mode=paced"}
+PARITY_EVAL_PROMPTS = 1024
+PARITY_MARGIN = 0.05  # the TOST equivalence margin on the paired pass@1 difference
+BASELINE = {"parity": "sync"}
+LAST_EVALS = 2  # the primary outcome: pass@1 averaged over the evaluations at steps 40 and 60
+
+
+def _run_mean_readout(metric: str) -> stats.Readout:
+    """A run's mean of the per-step ``metric`` over all its RL steps (None if never logged)."""
+    def readout(records):
+        values = [r[metric] for r in records if isinstance(r.get(metric), (int, float))
+                  and np.isfinite(r[metric])]
+        return float(np.mean(values)) if values else None
+    readout.description = f"mean over the run's RL steps of {metric}"
+    return readout
+
+
+def _pass_at_1(records) -> list[float]:
+    return [r["eval/pass@1"] for r in sorted(records, key=lambda r: r.get("step", 0))
+            if isinstance(r.get("eval/pass@1"), (int, float))]
+
+
+def _rl_gain_points(records):
+    """Held-out pass@1, mean of the last LAST_EVALS evaluations minus the one before RL, in
+    points (× 100: table.md prints readouts with one decimal)."""
+    evals = _pass_at_1(records)
+    if len(evals) < 2:
+        return None
+    return 100.0 * (stats.last_evaluations_mean(evals, LAST_EVALS) - evals[0])
+
+
+_rl_gain_points.description = (f"held-out pass@1 mean of the last {LAST_EVALS} evaluations − "
+                               "pass@1 before RL, in points (how far RL moved the policy)")
+
+READOUTS = {
+    "trained len mean": _run_mean_readout("sched/trained_response_len_mean"),
+    "trained len p90": _run_mean_readout("sched/trained_response_len_p90"),
+    "RL gain pass@1 pts": _rl_gain_points,
+}
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    known_flags, known_values = {"sft", "local", "smoke"}, {"mode", "phi", "sigma", "k", "seed"}
+    known_flags = {"sft", "local", "smoke", "parity"}
+    known_values = {"mode", "phi", "sigma", "k", "seed"}
     flags, values = parse_config_arg(arg, known_flags, known_values)
     c = common.base_config()
     c.seed = int(values.get("seed", 0))
@@ -102,6 +192,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.engine.warmup_buckets = True  # compile every prefill bucket before step 1 (issue 14)
     c.eval.update(every=10, num_prompts=256, num_samples=2)
     c.checkpoint.update(save_every=20, max_to_keep=1)
+    if "parity" in flags:  # greedy pass@1 on a larger fixed held-out set, every 20 steps
+        c.eval.update(every=20, num_prompts=PARITY_EVAL_PROMPTS, num_samples=1)
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:
         common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),
@@ -115,7 +207,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "") -> list[dict]:
     """One SFT warm start per seed, then every study's arms × seeds initialised from it (runs
-    shared between studies run once). Run dicts as in experiments/icepop.py."""
+    shared between studies run once). Run dicts as in experiments/icepop.py. ``parity``: the
+    parity study alone (its own SFT warm starts, seeds `PARITY_SEEDS`)."""
+    if arg == "parity":
+        runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s},parity", study="sft", label="sft",
+                     init=None) for s in PARITY_SEEDS]
+        return runs + [dict(name=f"{label}_s{s}", arg=f"{arm},seed={s},parity", study="parity",
+                            label=label, init=f"sft_s{s}")
+                       for s in PARITY_SEEDS for label, arm in PARITY_ARMS.items()]
     size = "," + arg if arg else ""
     runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
                  init=None) for s in SEEDS]
@@ -155,6 +254,11 @@ _KEYS = ("perf/step_s", "perf/rollout_s", "perf/train_s", "rollout/engine/prefil
          "rollout/engine/prefill_tokens", "rollout/engine/prefill_resumed_tokens",
          "rollout/engine/prefill_calls",
          "rollout/tokens_generated", "rl/response_tokens")
+# What sweep.py --extract keeps besides STUDY_METRICS: the work table's keys (extra_table
+# regenerates from the extracts), evaluations, clocks and scheduler totals; no per-position
+# mismatch or entropy curves (they would double the extracts' size).
+EXTRACT_KEYS = _KEYS
+EXTRACT_PREFIXES = ("step", "eval/", "time/rl_s", "time/elapsed_s", "sched/total/")
 
 
 def _work(workdir: str) -> list[float]:
@@ -199,4 +303,67 @@ def extra_table(groups: dict[str, list[str]]) -> str:
                 speedups.append(work(sync)[0] / row[0])
         cells.append(f"{np.mean(speedups):.2f} ± {np.std(speedups):.2f}" if speedups else "–")
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + equivalence_table(groups)
+
+
+PARITY_FIGURE_METRICS = ("eval/pass@1", "rl/reward_mean", "sched/trained_response_len_mean")
+
+
+def extra_figures(groups: dict[str, list[str]], out_dir: str, baseline: str | None) -> str:
+    """sweep.py's hook: ``curves_per_seed_vs_rl_time.png``, every seed's own curve (thin, one
+    colour per arm; arm means would need a common time grid, and seeds under different machine
+    load share little of one) of `PARITY_FIGURE_METRICS` against ``time/rl_s``; an evaluation
+    is placed at its step's RL seconds (0 before RL). Reward and length: 5-step moving mean."""
+    import plot  # noqa: E402  (experiments/plot.py; sweep.py put its directory on sys.path)
+    plt, fig, axes = plot._figure(len(PARITY_FIGURE_METRICS))
+    for i, (label, workdirs) in enumerate(groups.items()):
+        for j, workdir in enumerate(workdirs):
+            records = plot.read_metrics(workdir)
+            rl_s = {r["step"]: r["time/rl_s"] for r in records if "time/rl_s" in r}
+            rl_s[0] = 0.0
+            for ax, metric in zip(axes, PARITY_FIGURE_METRICS):
+                steps, values = plot.series(records, metric)
+                x = np.asarray([rl_s.get(int(step), np.nan) for step in steps]) / 60.0
+                if metric != "eval/pass@1":
+                    values = plot.smooth(values, 5)
+                ax.plot(x, values, color=f"C{i}", lw=1, alpha=0.8,
+                        marker="o" if metric == "eval/pass@1" else None, ms=3,
+                        label=label if j == 0 else None)
+    for ax, metric in zip(axes, PARITY_FIGURE_METRICS):
+        ax.set(title=metric, xlabel="time/rl_s (min)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves_per_seed_vs_rl_time.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _primary_outcome(workdir: str) -> float:
+    """Held-out greedy pass@1, mean of the run's last LAST_EVALS evaluations."""
+    records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return stats.last_evaluations_mean(_pass_at_1(records), LAST_EVALS)
+
+
+def equivalence_table(groups: dict[str, list[str]], baseline: str = "sync",
+                      margin: float = PARITY_MARGIN) -> str:
+    """The parity verdict of every arm against ``baseline``: a TOST (`stats.tost`) at ±``margin``
+    of the per-seed paired differences of held-out pass@1 (mean of the last LAST_EVALS
+    evaluations); "" when the study has no ``baseline`` arm."""
+    if baseline not in groups:
+        return ""
+    by_seed = {label: {int(os.path.basename(os.path.normpath(w)).rsplit("_s", 1)[1]):
+                       _primary_outcome(w) for w in workdirs}
+               for label, workdirs in groups.items()}
+    lines = [f"Equivalence to {baseline} (TOST at ±{margin:g}, α = 0.05; paired per seed: "
+             f"held-out pass@1, mean of the last {LAST_EVALS} evaluations, arm − {baseline}):",
+             ""]
+    for label, arm in by_seed.items():
+        if label == baseline:
+            continue
+        seeds = sorted(set(arm) & set(by_seed[baseline]))
+        diffs = [arm[s] - by_seed[baseline][s] for s in seeds]
+        lines.append(f"- {label}: " + stats.format_equivalence(stats.tost(diffs, margin))
+                     + "; per seed " + ", ".join(f"s{s} {d:+.3f}" for s, d in zip(seeds, diffs)))
     return "\n".join(lines) + "\n"

@@ -13,6 +13,12 @@ seed and arm) and its seed streams with the other arms' run s, so arms are compa
 With few seeds the bootstrap CI is coarse (3 seeds have 10 distinct resample means) and the
 sign test cannot reach p < 0.05 below 6 seeds; the table says how many seeds each cell rests on.
 
+Equivalence ("the arms are on par") is a claim of its own, tested by `tost`: two one-sided
+t-tests of the paired differences against a margin ±m declared before the runs, i.e. the 90%
+t confidence interval of the mean difference inside (−m, +m) (`Equivalence.verdict`: equivalent,
+not equivalent, or inconclusive when the interval straddles a bound). A CI that merely spans 0
+("n.s.") says nothing about equivalence.
+
 Readouts are declared in a study's config before its runs (``READOUTS = {name: fn}``, `fn`
 taking one run's metrics records and returning a number or None); `collapse_readout`,
 `spike_readout` and `slope_readout` build the ones the stability study uses.
@@ -195,3 +201,121 @@ def slope_readout(metric: str = "mismatch/abs_logp_diff_mean", per_steps: float 
         return float(np.polyfit(steps, values, 1)[0] * per_steps)
     readout.description = f"least-squares slope of {metric} per {per_steps:g} steps"
     return readout
+
+
+# ------------------------------------------------------------------------ equivalence (TOST)
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, by its continued fraction
+    (Lentz's method; Numerical Recipes §6.4), accurate to ~1e-12 for the t-distribution's use."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast below this point
+        return 1.0 - _regularized_beta(1.0 - x, b, a)
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) of Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _regularized_beta(df / (df + t * t), df / 2.0, 0.5)
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The t with P(T ≤ t) = ``q`` (bisection on `t_cdf`)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile q={q} is invalid: it must lie in (0, 1)")
+    low, high = -1e6, 1e6
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if t_cdf(mid, df) < q else (low, mid)
+    return 0.5 * (low + high)
+
+
+EQUIVALENT, NOT_EQUIVALENT, INCONCLUSIVE = "equivalent", "not equivalent", "inconclusive"
+
+
+@dataclasses.dataclass(frozen=True)
+class Equivalence:
+    """A TOST of "the mean paired difference lies within ±margin"."""
+
+    num_seeds: int
+    mean_diff: float
+    ci_low: float  # the (1 − 2α) t confidence interval of the mean difference
+    ci_high: float
+    p_value: float  # max of the two one-sided p-values; equivalent when < α
+    margin: float
+    alpha: float
+
+    @property
+    def verdict(self) -> str:
+        """``equivalent`` (the CI inside ±margin, i.e. both one-sided tests reject at α), ``not
+        equivalent`` (the CI entirely outside it) or ``inconclusive`` (it straddles a bound)."""
+        if self.ci_low > -self.margin and self.ci_high < self.margin:
+            return EQUIVALENT
+        if self.ci_low >= self.margin or self.ci_high <= -self.margin:
+            return NOT_EQUIVALENT
+        return INCONCLUSIVE
+
+
+def tost(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> Equivalence | None:
+    """Two one-sided t-tests (Schuirmann 1987) of the paired differences ``diffs`` (one per
+    seed) against the equivalence margin ±``margin``:
+
+        H0⁻: μ ≤ −margin, t⁻ = (d̄ + margin) / (s/√n), p⁻ = 1 − F(t⁻);
+        H0⁺: μ ≥ +margin, t⁺ = (d̄ − margin) / (s/√n), p⁺ = F(t⁺);
+
+    F the t CDF with n − 1 degrees of freedom, s the sample std (ddof=1). Equivalence at level
+    α when both reject, max(p⁻, p⁺) < α, which is the (1 − 2α) CI d̄ ± t_{1−α, n−1}·s/√n lying
+    inside (−margin, +margin). None with fewer than two differences (no variance estimate).
+    Identical differences (s = 0) give a zero-width CI at d̄."""
+    if not margin > 0:
+        raise ValueError(f"margin={margin} is invalid: it must be > 0")
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha={alpha} is invalid: it must lie in (0, 0.5)")
+    diffs = np.asarray([d for d in diffs if math.isfinite(d)], np.float64)
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean, se = float(diffs.mean()), sample_std(diffs) / math.sqrt(n)
+    if se == 0.0:
+        inside = -margin < mean < margin
+        return Equivalence(n, mean, mean, mean, 0.0 if inside else 1.0, margin, alpha)
+    df = n - 1
+    p_lower = 1.0 - t_cdf((mean + margin) / se, df)
+    p_upper = t_cdf((mean - margin) / se, df)
+    half_width = t_quantile(1.0 - alpha, df) * se
+    return Equivalence(n, mean, mean - half_width, mean + half_width, max(p_lower, p_upper),
+                       margin, alpha)
+
+
+def format_equivalence(e: Equivalence | None, digits: int = 3) -> str:
+    """"+0.004 [−0.021, +0.029] 90% CI, TOST p=0.003 (5 seeds): equivalent within ±0.05"."""
+    if e is None:
+        return "– (fewer than 2 paired seeds)"
+    signed = lambda x: f"{round(x, digits) + 0.0:+.{digits}f}"
+    bound = f"±{e.margin:g}"
+    verdict = {EQUIVALENT: f"equivalent within {bound}",
+               NOT_EQUIVALENT: f"not equivalent (outside {bound})",
+               INCONCLUSIVE: f"inconclusive at {bound}"}[e.verdict]
+    return (f"{signed(e.mean_diff)} [{signed(e.ci_low)}, {signed(e.ci_high)}] "
+            f"{1 - 2 * e.alpha:.0%} CI, TOST p={e.p_value:.2g} ({e.num_seeds} seeds): {verdict}")

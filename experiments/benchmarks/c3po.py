@@ -77,20 +77,25 @@ def reward(record, request):
     return float(request.tokens[-1] % 2), {}
 
 
-def run(config, make_engine, train_step, num_prompts):
-    """Trains ``warmup + num_batches`` batches; returns timing and schedule statistics."""
+def run(config, make_engine, train_step, num_prompts, warmup_batches=None, num_batches=None,
+        prompt_len=(8, 24)):
+    """Trains ``warmup_batches + num_batches`` batches (default: the flags'); returns timing
+    and schedule statistics of the last ``num_batches``."""
+    warmup_batches = FLAGS.warmup_batches if warmup_batches is None else warmup_batches
+    num_batches = FLAGS.num_batches if num_batches is None else num_batches
     engine = make_engine()
-    prompts = testing.prompt_records(num_prompts, seed=1, min_len=8, max_len=24, vocab_size=500)
+    prompts = testing.prompt_records(num_prompts, seed=1, min_len=prompt_len[0],
+                                     max_len=prompt_len[1], vocab_size=500)
     trained_tokens, lengths, spanned, rollout_s = 0, [], [], 0.0
     with Scheduler(config, engine, prompts, reward, testing.grpo_advantages) as sched:
-        for i in range(FLAGS.warmup_batches + FLAGS.num_batches):
-            if i == FLAGS.warmup_batches:
+        for i in range(warmup_batches + num_batches):
+            if i == warmup_batches:
                 sched.pop_metrics()
                 start = time.perf_counter()
             batch = sched.next_batch()
             params = train_step(batch, sched.version)
             sched.update_weights(params, sched.version + 1)
-            if i >= FLAGS.warmup_batches:
+            if i >= warmup_batches:
                 mask = batch["loss_mask_BT"] > 0
                 trained_tokens += int(mask.sum())
                 lengths.extend(mask.sum(1)[batch["group_ids_B"] >= 0].tolist())
@@ -184,14 +189,44 @@ def fake_main(num_prompts):
 
 # ------------------------------------------------------------------------- real engine
 
-REAL_SLOTS, REAL_G, REAL_B, REAL_MAX_NEW = 16, 4, 16, 128
-REAL_SHORT, REAL_LONG, REAL_LONG_FRAC = (12, 20), (96, 128), 0.15  # long = 6-8× short
+@dataclasses.dataclass(frozen=True)
+class RealSize:
+    """The shapes of a real-engine benchmark. The default is this CPU's (``--engine=real``);
+    `experiments/benchmarks/c3po_gpu.py` has an accelerator's and a tiny one."""
+
+    model: str = "tiny"  # a `ring_jax.model.presets` name ...
+    model_overrides: tuple[tuple[str, object], ...] = ()  # ... with these fields replaced
+    dtype: str = "float32"  # engine inference dtype; also the trainer's params and compute
+    moe_impl: str = "capacity"  # engine and trainer MoE dispatch (both dropless here)
+    num_slots: int = 16
+    group_size: int = 4
+    batch_size: int = 16  # rows per trained batch
+    prompt_len: tuple[int, int] = (8, 24)
+    short: tuple[int, int] = (12, 20)  # response lengths: 1 - long_frac uniform in short,
+    long: tuple[int, int] = (96, 128)  # long_frac uniform in long (6-8× short)
+    long_frac: float = 0.15
+    decode_chunk: int = 16
+    min_prefill_len: int = 64
+    refill_min_rows: int = 4  # EngineConfig.refill_min_rows = min_prefill_rows
+    step_chunk_tokens: int = 256
+    learning_rate: float = 1e-3  # the SGD train step's
+
+    @property
+    def max_new(self) -> int:
+        return self.long[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.prompt_len[1] + self.max_new
+
+    def mean_response_len(self) -> float:
+        return ((1 - self.long_frac) * np.mean(self.short) + self.long_frac * np.mean(self.long))
 
 
 class RealBench:
     """The real engine, model and train step shared by every real arm (compiled once)."""
 
-    def __init__(self):
+    def __init__(self, size: RealSize):
         import jax
         import jax.numpy as jnp
         import optax
@@ -200,15 +235,19 @@ class RealBench:
         from ring_jax.rollout.engine import Engine, EngineConfig
         from ring_jax.rollout.precision import InferencePrecision
 
-        self.model_cfg = presets.get(FLAGS.model)
+        self.size = size
+        self.model_cfg = presets.get(size.model, **dict(size.model_overrides),
+                                     param_dtype=size.dtype, dtype=size.dtype,
+                                     moe_impl=size.moe_impl)
         model = Transformer(self.model_cfg)
         self.config = SchedulerConfig(
-            mode="sync", group_size=REAL_G, batch_size=REAL_B, max_seq_len=24 + REAL_MAX_NEW,
-            sampling=SamplingParams(max_new_tokens=REAL_MAX_NEW),
-            max_active_requests=2 * REAL_SLOTS, step_chunk_tokens=256, num_reward_workers=2,
-            max_staleness=1)
-        self.lengths = length_mix(REAL_SHORT, REAL_LONG, REAL_LONG_FRAC)
-        self.variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+            mode="sync", group_size=size.group_size, batch_size=size.batch_size,
+            max_seq_len=size.max_seq_len, sampling=SamplingParams(max_new_tokens=size.max_new),
+            max_active_requests=2 * size.num_slots, step_chunk_tokens=size.step_chunk_tokens,
+            num_reward_workers=2, max_staleness=1)
+        self.lengths = length_mix(size.short, size.long, size.long_frac)
+        # Jitted: an eager init dispatches (and compiles) every initializer op one by one.
+        self.variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
 
         @jax.jit
         def sgd_step(variables, batch):
@@ -221,8 +260,9 @@ class RealBench:
                 return -jnp.sum(logp_BT * weight_BT) / jnp.maximum(batch["loss_mask_BT"].sum(),
                                                                    1)
             grads = jax.grad(loss_fn)(variables["params"])
-            params = optax.apply_updates(variables["params"],
-                                         jax.tree.map(lambda g: -1e-3 * g, grads))
+            params = optax.apply_updates(
+                variables["params"],
+                jax.tree.map(lambda g: (-size.learning_rate * g).astype(g.dtype), grads))
             return {**variables, "params": params}
 
         self.state = {"variables": self.variables}
@@ -234,27 +274,29 @@ class RealBench:
             return self.state["variables"]
 
         self.train_step = train_step
-        engine_config = EngineConfig(num_slots=REAL_SLOTS, max_len=self.config.max_seq_len,
-                                     decode_chunk=16, min_prefill_len=64,
-                                     min_prefill_rows=FLAGS.refill_min_rows,
-                                     refill_min_rows=FLAGS.refill_min_rows,
+        engine_config = EngineConfig(num_slots=size.num_slots, max_len=self.config.max_seq_len,
+                                     decode_chunk=size.decode_chunk,
+                                     min_prefill_len=min(size.min_prefill_len,
+                                                         self.config.max_seq_len),
+                                     min_prefill_rows=size.refill_min_rows,
+                                     refill_min_rows=size.refill_min_rows,
                                      warmup_buckets=True)
         self.engine_config = engine_config
+        self.precision = InferencePrecision(dtype=size.dtype)
         start = time.perf_counter()
         # One engine for every run, so its compiled programs are reused; each run starts it
         # from the initial weights at version 0.
         self.engine = Engine.from_model(self.model_cfg, self.variables, engine_config,
-                                        InferencePrecision(dtype="float32"),
-                                        moe_impl="capacity")
+                                        self.precision, moe_impl=size.moe_impl)
         self.warmup_s = time.perf_counter() - start
-        self.batch_tokens = int(REAL_B * ((1 - REAL_LONG_FRAC) * np.mean(REAL_SHORT)
-                                          + REAL_LONG_FRAC * np.mean(REAL_LONG)))
-        print(f"# REAL engine, `{FLAGS.model}` model ({jax.devices()[0].platform}, float32), "
-              f"{REAL_SLOTS} slots, refill_min_rows=min_prefill_rows={FLAGS.refill_min_rows}, "
-              f"B={REAL_B} rows "
-              f"(G={REAL_G}), T={self.config.max_seq_len}; lengths "
-              f"{100 * (1 - REAL_LONG_FRAC):.0f}% U{list(REAL_SHORT)}, "
-              f"{100 * REAL_LONG_FRAC:.0f}% U{list(REAL_LONG)}; real jitted train step (SGD); "
+        self.batch_tokens = int(size.batch_size * size.mean_response_len())
+        self.platform = jax.devices()[0].platform
+        print(f"# REAL engine, `{size.model}` model{' (resized)' if size.model_overrides else ''}"
+              f" ({self.platform}, {size.dtype}, moe_impl={size.moe_impl}), {size.num_slots} "
+              f"slots, refill_min_rows=min_prefill_rows={size.refill_min_rows}, "
+              f"B={size.batch_size} rows (G={size.group_size}), T={self.config.max_seq_len}; "
+              f"lengths {100 * (1 - size.long_frac):.0f}% U{list(size.short)}, "
+              f"{100 * size.long_frac:.0f}% U{list(size.long)}; real jitted train step (SGD); "
               f"≈{self.batch_tokens} response tokens per batch; warm-up "
               f"({len(engine_config.prefill_buckets())} prefill buckets + decode) "
               f"{self.warmup_s:.1f} s, not timed", flush=True)
@@ -278,10 +320,11 @@ class RealBench:
         prefilled (padded) token."""
         engine = self.make_engine()._engine
         engine.pop_stats()
-        engine.add(self._requests(REAL_SLOTS, 16, 100, "d"))
-        engine.step(token_budget=REAL_SLOTS)  # the prefill
+        slots = self.size.num_slots
+        engine.add(self._requests(slots, 16, 100, "d"))
+        engine.step(token_budget=slots)  # the prefill
         engine.pop_stats()
-        engine.step(token_budget=REAL_SLOTS * 64)
+        engine.step(token_budget=slots * 64)
         stats = engine.pop_stats()
         decode_step_s = stats["decode_s"] / stats["decode_steps"]
         engine.drain()
@@ -302,10 +345,11 @@ class RealBench:
     def random_batch(self):
         """A full batch of random tokens with ±1 advantages (the train step's input shapes)."""
         rng = np.random.default_rng(0)
-        tokens_BT = rng.integers(1, 500, (REAL_B, self.config.max_seq_len)).astype(np.int32)
+        B = self.size.batch_size
+        tokens_BT = rng.integers(1, 500, (B, self.config.max_seq_len)).astype(np.int32)
         return dict(tokens_BT=tokens_BT, targets_BT=np.roll(tokens_BT, -1, 1),
                     loss_mask_BT=np.ones(tokens_BT.shape, np.float32),
-                    advantages_B=rng.choice([-1.0, 1.0], REAL_B).astype(np.float32))
+                    advantages_B=rng.choice([-1.0, 1.0], B).astype(np.float32))
 
     def train_step_s(self, repeats=3):
         batch = self.random_batch()
@@ -325,7 +369,6 @@ class RealBench:
 
         from ring_jax.model import Transformer
         from ring_jax.rollout.engine import Engine
-        from ring_jax.rollout.precision import InferencePrecision
 
         model = Transformer(self.model_cfg)
         T = self.config.max_seq_len
@@ -345,8 +388,8 @@ class RealBench:
             config = dataclasses.replace(self.engine_config, stale_kv=stale,
                                          warmup_buckets=False)
             engine = (self.engine if not stale else Engine.from_model(
-                self.model_cfg, self.variables, config, InferencePrecision(dtype="float32"),
-                moe_impl="capacity"))
+                self.model_cfg, self.variables, config, self.precision,
+                moe_impl=self.size.moe_impl))
             engine.drain()
             engine.load_weights(self.variables, 0)
             engine.add([dataclasses.replace(r) for r in requests])
@@ -373,13 +416,13 @@ class RealBench:
 
 
 def real_main(num_prompts):
-    bench = RealBench()
+    bench = RealBench(RealSize(model=FLAGS.model, refill_min_rows=FLAGS.refill_min_rows))
     costs = None
     if FLAGS.calibrate:
         costs = bench.calibrate()
         train_s = bench.train_step_s()
         ratio = costs["prefill_token_s"] / costs["decode_step_s"]
-        print(f"# measured: decode step ({REAL_SLOTS} slots busy) "
+        print(f"# measured: decode step ({bench.size.num_slots} slots busy) "
               f"{1e3 * costs['decode_step_s']:.2f} ms; prefill "
               f"{1e3 * costs['prefill_call_s']:.2f} ms per call + "
               f"{1e6 * costs['prefill_token_s']:.1f} µs per token; train step "
@@ -400,7 +443,7 @@ def real_main(num_prompts):
         return rows, None
 
     def make_fake():
-        return testing.FakeEngine(REAL_SLOTS, bench.lengths, vocab_size=500,
+        return testing.FakeEngine(bench.size.num_slots, bench.lengths, vocab_size=500,
                                   refill_min_rows=FLAGS.refill_min_rows, **costs)
 
     def fake_train(batch, version):

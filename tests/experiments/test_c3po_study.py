@@ -61,6 +61,59 @@ def test_task_mix_is_long_tailed(experiment_file):
     assert cfg.scheduler.sampling.max_new_tokens >= lengths[-1] + 20  # the longest fit
 
 
+def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file):
+    study = experiment_file("c3po")
+    runs = study.get_sweep("parity")
+    parity = [r for r in runs if r["study"] == "parity"]
+    assert {r["label"] for r in parity} == {"sync", "paced"} and study.BASELINE["parity"] == "sync"
+    assert len(parity) == 2 * len(study.PARITY_SEEDS) >= 6  # ≥ 3 paired seeds
+    sft = {r["name"]: r for r in runs if r["study"] == "sft"}
+    evals = set()
+    for r in parity:  # both arms of seed s start from sft_s<s>; one eval set for all
+        seed = r["name"].rsplit("_s", 1)[1]
+        assert r["init"] == f"sft_s{seed}" and f"seed={seed}" in sft[r["init"]]["arg"]
+        cfg = experiment.from_config_dict(study.get_config(r["arg"]))
+        assert cfg.scheduler.mode == r["label"] and cfg.seed == int(seed)
+        evals.add((cfg.eval.num_prompts, cfg.eval.greedy_engine, cfg.eval.every,
+                   cfg.rl.num_steps, tuple(sorted(dict(cfg.task.kwargs).items()))))
+    assert evals == {(study.PARITY_EVAL_PROMPTS, "float32", 20, 60,
+                      tuple(sorted(dict(min_size=1, max_size=12, size_tail=1.5,
+                                        show_steps=True).items())))}
+
+
+def _fake_run(root, name, evals, lengths=(20.0,)):
+    os.makedirs(root / name)
+    with open(root / name / "metrics.jsonl", "w") as f:
+        for i, value in enumerate(evals):
+            f.write(json.dumps({"step": 10 * i, "eval/pass@1": value}) + "\n")
+        for step, length in enumerate(lengths, 1):
+            f.write(json.dumps({"step": step, "sched/trained_response_len_mean": length}) + "\n")
+    return str(root / name)
+
+
+def test_equivalence_table_and_readouts_hand_checked(experiment_file, tmp_path):
+    study = experiment_file("c3po")
+    # Last-2 means: sync 0.5 / 0.6 / 0.4; paced +0.01, +0.03, +0.02 above them (the first
+    # evaluation is outside the window): d = (0.01, 0.03, 0.02), 90% t-CI [+0.003, +0.037]
+    # (tests/experiments/test_stats.py) -> equivalent within ±0.05.
+    groups = {"sync": [], "paced": []}
+    for seed, base in enumerate((0.5, 0.6, 0.4)):
+        d = (0.01, 0.03, 0.02)[seed]
+        groups["sync"].append(_fake_run(tmp_path, f"sync_s{seed}", [0.0] + [base] * 4))
+        groups["paced"].append(_fake_run(tmp_path, f"paced_s{seed}",
+                                         [0.9, base + d - 0.01, base + d + 0.01, base + d,
+                                          base + d], lengths=(30.0, 40.0)))
+    text = study.equivalence_table(groups)
+    assert "- paced: +0.020 [+0.003, +0.037] 90% CI" in text
+    assert text.rstrip().endswith("equivalent within ±0.05; per seed s0 +0.010, s1 +0.030, "
+                                  "s2 +0.020")
+    assert study.equivalence_table({"paced": groups["paced"]}) == ""  # no baseline arm
+    records = [json.loads(line) for line in open(os.path.join(groups["paced"][0],
+                                                              "metrics.jsonl"))]
+    assert study.READOUTS["trained len mean"](records) == pytest.approx(35.0)
+    assert study.READOUTS["RL gain pass@1 pts"](records) == pytest.approx(100 * (0.51 - 0.9))
+
+
 @pytest.mark.slow
 def test_sync_and_c3po_run_through_the_sweep(tmp_path):
     root, figures = tmp_path / "runs", tmp_path / "figures"
@@ -76,8 +129,12 @@ def test_sync_and_c3po_run_through_the_sweep(tmp_path):
         assert config["scheduler"]["mode"] == name[:-3]
     assert (figures / "modes" / "curves_vs_time.png").exists()
     text = (figures / "modes" / "table.md").read_text()
-    table, work = text.split("\n\n")[0].splitlines(), text.split("\n\n")[1].splitlines()
+    blocks = [block.splitlines() for block in text.split("\n\n")]
+    table = next(b for b in blocks if b[0].startswith("| arm | seeds | pass@1"))
+    work = next(b for b in blocks if "speed-up over sync" in b[0])
     assert "RL s" in table[0] and "purged %" in table[0] and len(table) == 4
+    # One seed: the equivalence test has no variance to work with and says so.
+    assert "- c3po: – (fewer than 2 paired seeds)" in text
     # The work table: the sync arm is 1.00x itself; every cell is a number.
     assert "speed-up over sync" in work[0] and len(work) == 4
     sync_row = next(line for line in work if line.startswith("| sync |"))

@@ -96,3 +96,54 @@ def test_slope_readout():
                for s in range(0, 50, 5)]
     assert stats.slope_readout()(records) == pytest.approx(0.02)
     assert stats.slope_readout()(records[:1]) is None
+
+
+def test_t_distribution_matches_tables():
+    # df = 2 has a closed form, F(t) = 1/2 + t / (2·sqrt(2 + t²)); printed tables give
+    # t_{0.95} = 6.314 (df 1), 2.920 (df 2), 2.132 (df 4), 1.833 (df 9).
+    for t in (-5.0, -1.0, 0.0, 0.3, 4.0):
+        assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    for df, t95 in ((1, 6.3138), (2, 2.9200), (4, 2.1318), (9, 1.8331)):
+        assert stats.t_quantile(0.95, df) == pytest.approx(t95, abs=1e-4)
+        assert stats.t_cdf(t95, df) == pytest.approx(0.95, abs=1e-4)
+    with pytest.raises(ValueError, match="quantile q=1"):
+        stats.t_quantile(1.0, 3)
+
+
+def test_tost_hand_checked():
+    # d = (0.01, 0.03, 0.02): mean 0.02, s = 0.01, se = 0.01/√3 = 0.0057735; the 90% CI is
+    # 0.02 ± 2.919986·se = [0.003141, 0.036859], inside ±0.05 -> equivalent. One-sided p's with
+    # the df-2 closed form: t⁺ = (0.02 − 0.05)/se = −√27, p⁺ = 1/2 − √27/(2√29) = 0.017536;
+    # t⁻ = 0.07/se = 12.124, p⁻ = 1/2 − 12.124/(2√149) = 0.003377; p = max = 0.017536.
+    # A z-interval (1.645·se) would give [0.0105, 0.0295]; a 95% two-sided t-CI ±4.303·se.
+    e = stats.tost([0.01, 0.03, 0.02], margin=0.05)
+    assert (e.num_seeds, e.mean_diff) == (3, pytest.approx(0.02))
+    assert (e.ci_low, e.ci_high) == (pytest.approx(0.003141, abs=1e-6),
+                                     pytest.approx(0.036859, abs=1e-6))
+    assert e.p_value == pytest.approx(0.5 - math.sqrt(27) / (2 * math.sqrt(29)), abs=1e-9)
+    assert e.verdict == stats.EQUIVALENT
+    assert stats.format_equivalence(e) == ("+0.020 [+0.003, +0.037] 90% CI, TOST p=0.018 "
+                                           "(3 seeds): equivalent within ±0.05")
+    # The same differences shifted by +0.07: CI [0.0731, 0.1069] entirely above +0.05.
+    far = stats.tost([0.08, 0.10, 0.09], margin=0.05)
+    assert far.verdict == stats.NOT_EQUIVALENT and far.p_value > 0.5
+    # s = 0.03: CI 0.03 ± 2.92·0.01732 = [−0.0206, 0.0806] straddles +0.05.
+    wide = stats.tost([0.0, 0.06, 0.03], margin=0.05)
+    assert wide.verdict == stats.INCONCLUSIVE and wide.p_value > 0.05
+    assert wide.ci_high == pytest.approx(0.03 + 2.919986 * 0.03 / math.sqrt(3), abs=1e-5)
+
+
+def test_tost_edge_cases():
+    assert stats.tost([0.01], margin=0.05) is None  # one seed: no variance
+    assert stats.format_equivalence(None).startswith("–")
+    assert stats.tost([0.01, float("nan")], margin=0.05) is None  # nan dropped -> one left
+    same = stats.tost([0.01, 0.01, 0.01], margin=0.05)  # s = 0: a zero-width CI at the mean
+    assert (same.ci_low, same.ci_high, same.verdict) == (0.01, 0.01, stats.EQUIVALENT)
+    assert stats.tost([0.07, 0.07], margin=0.05).verdict == stats.NOT_EQUIVALENT
+    # Symmetric: negating the differences mirrors the CI and keeps the p-value.
+    a, b = stats.tost([0.01, -0.04, 0.02, 0.0], 0.05), stats.tost([-0.01, 0.04, -0.02, 0.0], 0.05)
+    assert (a.ci_low, a.p_value) == (pytest.approx(-b.ci_high), pytest.approx(b.p_value))
+    with pytest.raises(ValueError, match="margin=0"):
+        stats.tost([0.0, 0.1], margin=0.0)
+    with pytest.raises(ValueError, match="alpha=0.5"):
+        stats.tost([0.0, 0.1], margin=0.05, alpha=0.5)
