@@ -6,9 +6,9 @@ it takes two steps, each on device:
 
   1. convert in place: the engine's conversion (`precision.prepare_variables`: cast to the
      inference dtype, optional perturbations) as one jitted program whose outputs keep the
-     trainer's layout, on the trainer's devices. Every op of the conversion is elementwise or
-     reduces within one expert's matrix, and `jax.random` draws do not depend on the layout,
-     so this is bit-for-bit the conversion done in the engine's layout;
+     trainer's layout, on the trainer's devices. Every op of the conversion is elementwise
+     or a max (fp8 scales: exact in any order), and `jax.random` draws do not depend on the
+     layout, so this is bit-for-bit the conversion done in the engine's layout (tested);
   2. move: `jax.device_put` of the converted arrays into the engine's shardings, device to
      device (nothing when the layouts already agree: the engine on the training mesh). The
      move carries the engine's dtype, so a bf16 engine moves half the bytes of the trainer's
@@ -18,7 +18,8 @@ it takes two steps, each on device:
 Converting inside the move instead (one program with the engine's ``out_shardings``) left
 the reshard to XLA's SPMD partitioner, which on the CPU backend re-materialises whole arrays
 on every device for an fsdp → expert layout change ("Involuntary full rematerialization"):
-3-9x a plain copy where the two steps cost < 2x (`experiments/BENCHMARKS.md`, weight sync).
+9.1x a plain copy of the trainer's weights for a bf16 engine there, 2.3x in two steps
+(`experiments/BENCHMARKS.md`, weight sync).
 
 Host arrays (a per-host engine's gathered weights) and engines without a mesh keep the one
 program with the engine's ``out_shardings``, which places them; device arrays that are not all
