@@ -124,6 +124,25 @@ def test_converting_in_the_trainers_layout_equals_converting_in_the_engines(name
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(path))
 
 
+def test_host_arrays_and_arrays_off_the_mesh_take_the_one_program(host_variables):
+    """Host arrays (a per-host engine's gathered weights) and device arrays not on one named
+    mesh (here: all on device 0) are placed by the conversion program in the engine's layout;
+    both equal the conversion of the host arrays, in the engine's sharding."""
+    mesh = multihost.engine_mesh(sharding.make_mesh(fsdp=8),
+                                 EngineMeshConfig(layout="global", data=2, expert=4))
+    precision = InferencePrecision("bfloat16", router_noise_std=0.1)
+    m = engine_lib.model_functions(CFG, CONFIG, precision, moe_impl="ragged", mesh=mesh)
+    sync = weight_sync.WeightSync(m.prepare_weights, m.weight_sharding)
+    want = precision_lib.prepare_variables(host_variables[0], precision, 3)
+    for variables in (host_variables[0], jax.device_put(host_variables[0], jax.devices()[0])):
+        with sharding.use_mesh(mesh):
+            got = sync(variables, 3)
+        for (path, g), w, s in zip(jax.tree_util.tree_leaves_with_path(got),
+                                   jax.tree.leaves(want), jax.tree.leaves(m.weight_sharding)):
+            assert g.sharding == s and g.dtype == w.dtype, path
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(path))
+
+
 def _at(tree, path):
     for key in path:
         tree = tree[key.key]
