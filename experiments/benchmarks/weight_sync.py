@@ -6,10 +6,10 @@ device copy of the same arrays measured side by side in the same run.
 Runs on 8 fake CPU devices (``--xla_force_host_platform_device_count=8``, set here unless
 XLA_FLAGS says otherwise): one process, so "devices" share one memory and the numbers say what
 the sync programs cost relative to a copy, not how fast ICI or DCN is. The trainer's float32
-variables live on a training mesh (fsdp 8); the sync is what `Engine.load_weights` runs —
-`weight_sync.reshard` (a device-to-device move when the engine's devices differ) then the
-engine's conversion program (cast to the inference dtype, reshard into the engine's layout:
-experts over ``expert``). The baseline is a jitted copy of the trainer's variables in their own
+variables live on a training mesh (fsdp 8); the sync is what `Engine.load_weights` runs,
+`weight_sync.WeightSync`: the engine's conversion (cast to the inference dtype) in the
+trainer's layout, then a device-to-device move into the engine's layout (experts over
+``expert``). The baseline is a jitted copy of the trainer's variables in their own
 layout (every byte read and written once). Prints one line per layout with the median
 sync / copy ratio (timed alternately, so load drift hits both); the current target is ≤ 2x.
 """
@@ -67,11 +67,11 @@ def measure(preset: str, train_sizes: dict, engine_cfg: EngineMeshConfig, dtype:
     mesh = multihost.engine_mesh(train_mesh, engine_cfg)
     m = engine_lib.model_functions(cfg, engine_lib.EngineConfig(), InferencePrecision(dtype),
                                    mesh=mesh)
-    prepare = jax.jit(m.prepare_weights, out_shardings=m.weight_sharding)
+    weights_sync = weight_sync.WeightSync(m.prepare_weights, m.weight_sharding)
 
     def sync(v):  # what Engine.load_weights does to the weights
         with sharding.use_mesh(mesh):
-            return prepare(weight_sync.reshard(v, m.weight_sharding), 1)
+            return weights_sync(v, 1)
 
     copy = jax.jit(lambda v: jax.tree.map(jnp.copy, v), out_shardings=shardings)
     jax.block_until_ready((sync(variables), copy(variables)))  # compile + warm-up

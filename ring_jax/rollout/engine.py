@@ -194,10 +194,9 @@ class Engine:
         self.vocab_size = vocab_size
         self.version = version
         self._mesh = mesh
-        self._weight_sharding = weight_sharding
         self._fns = step_fns(forward, init_cache, config)
         prepare_weights = prepare_weights or (lambda v, version: v)
-        self._prepare = jax.jit(prepare_weights, out_shardings=weight_sharding)
+        self._prepare = weight_sync.WeightSync(prepare_weights, weight_sharding)
         self._prefill, self._decode = jit_programs(self._fns, state_sharding)
         self._deactivate = jax.jit(self._fns.deactivate, donate_argnums=0,
                                    out_shardings=state_sharding)
@@ -207,8 +206,7 @@ class Engine:
                                    out_shardings=state_sharding)
         with self._mesh_context():
             self._state = jax.jit(self._fns.empty_state, out_shardings=state_sharding)()
-            self._variables = self._prepare(weight_sync.reshard(variables, weight_sharding),
-                                            version)
+            self._variables = self._prepare(variables, version)
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * config.num_slots
         # stale_kv: slot -> the request drained from it, whose KV rows are still in place.
@@ -309,17 +307,16 @@ class Engine:
 
         ``variables`` is the model's full variable dict, {'params': ..., 'router': ...} as
         `Transformer.init` returns it (the router's expert bias changes every train step, so it
-        is part of the sync). The conversion is one jitted program on device: no host copy;
-        arrays on other devices (another mesh order, a disaggregated engine's own devices) are
-        first moved device to device (`weight_sync.reshard`).
+        is part of the sync). It runs on device, no host copy (`weight_sync.WeightSync`): the
+        trainer's arrays are cast in their own layout, then moved device to device into the
+        engine's.
 
         Requests in flight are re-prefilled under the new weights at the next `step` (their
         KV cache was computed by the old ones); their tokens so far keep their old versions.
         With ``stale_kv`` they keep their slots and KV cache instead, and go on decoding.
         """
         with self._mesh_context():
-            self._variables = self._prepare(
-                weight_sync.reshard(variables, self._weight_sharding), version)
+            self._variables = self._prepare(variables, version)
         self.version = version
         if self.config.stale_kv:
             return

@@ -1,51 +1,90 @@
 """Weight sync trainer → engine on device (PAPER §3: ASystem reshards 1T weights in place,
 with no host round trip).
 
-The engine's conversion (`precision.prepare_variables`: cast to the inference dtype, optional
-perturbations) is one jitted program whose ``out_shardings`` are the engine's weight layout, so
-a trainer array on the engine's devices is resharded and cast by that one program. XLA's
-partitioner moves each shard straight to the device that needs it (all-to-all / collective
-permutes over ICI, DCN between processes). `reshard` only handles what one program cannot:
+`WeightSync` is what `Engine` runs on every `load_weights`. For the trainer's device arrays
+it takes two steps, each on device:
 
-  * same devices in another order (the engine's mesh laid out differently over the trainer's
-    devices): `jax.device_put` to the engine's layout, a device-to-device reshard (across
-    processes too, the device set being the same);
-  * other devices of the same process (a disaggregated engine on its own sub-mesh, one
-    process): `jax.device_put`, device to device;
-  * host arrays (a per-host engine's gathered weights): left to the program, which places them.
+  1. convert in place: the engine's conversion (`precision.prepare_variables`: cast to the
+     inference dtype, optional perturbations) as one jitted program whose outputs keep the
+     trainer's layout, on the trainer's devices. Every op of the conversion is elementwise
+     or a max (fp8 scales: exact in any order), and `jax.random` draws do not depend on the
+     layout, so this is bit-for-bit the conversion done in the engine's layout (tested);
+  2. move: `jax.device_put` of the converted arrays into the engine's shardings, device to
+     device (nothing when the layouts already agree: the engine on the training mesh). The
+     move carries the engine's dtype, so a bf16 engine moves half the bytes of the trainer's
+     fp32 weights; in one process the runtime copies shard slices straight to the devices
+     that need them, across processes it runs a jitted reshard (collectives over ICI / DCN).
+
+Converting inside the move instead (one program with the engine's ``out_shardings``) left
+the reshard to XLA's SPMD partitioner, which on the CPU backend re-materialises whole arrays
+on every device for an fsdp → expert layout change ("Involuntary full rematerialization"):
+9.1x a plain copy of the trainer's weights for a bf16 engine there, 2.3x in two steps
+(`experiments/BENCHMARKS.md`, weight sync).
+
+Host arrays (a per-host engine's gathered weights) and engines without a mesh keep the one
+program with the engine's ``out_shardings``, which places them; device arrays that are not all
+on one named mesh are moved into the engine's layout first, then converted there.
+
+Memory: step 1 holds the converted copy on the trainer's devices until step 2 has moved it
+(half the trainer's fp32 weights for a bf16 engine); a disaggregated engine's devices only
+ever receive the converted arrays.
 
 Disjoint device sets owned by several processes need a cross-host transfer (DCN) that the CPU
 backend lacks; `multihost.engine_mesh` refuses that layout before anything compiles.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.sharding import NamedSharding
 
-
-def device_order(sharding: Any) -> tuple[Any, ...]:
-    """The ordered device list a jitted program over ``sharding`` runs on."""
-    if isinstance(sharding, NamedSharding):
-        return tuple(sharding.mesh.devices.flat)
-    return tuple(sorted(sharding.device_set, key=lambda d: d.id))
+Prepare = Callable[[Any, Any], Any]  # (trainer variables, version) -> engine variables
 
 
-def needs_transfer(x: Any, target: Any) -> bool:
-    """Whether device array ``x`` must move before a program over ``target`` can read it."""
-    return isinstance(x, jax.Array) and device_order(x.sharding) != device_order(target)
+class WeightSync:
+    """Trainer variables → the engine's, on device (module docstring).
+
+    ``prepare_weights(variables, version)``: the engine's conversion (jittable, layout-free);
+    ``shardings``: the engine's weight layout (a pytree like the output), None for an engine
+    without a mesh. Each distinct trainer layout compiles its in-place conversion once.
+    """
+
+    def __init__(self, prepare_weights: Prepare, shardings: Any = None):
+        self._prepare = prepare_weights
+        self._shardings = shardings
+        self._into_engine_layout = jax.jit(prepare_weights, out_shardings=shardings)
+        self._in_place: dict[Any, Any] = {}  # trainer layout -> its jitted conversion
+
+    def __call__(self, variables: Any, version: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(variables)
+        mesh = _common_mesh(leaves)
+        if self._shardings is None or mesh is None:
+            # Host arrays: the program places them; device arrays not on one mesh are moved
+            # into the engine's layout first (jit wants one device order).
+            if self._shardings is not None and any(isinstance(x, jax.Array) for x in leaves):
+                variables = reshard(variables, self._shardings)
+            return self._into_engine_layout(variables, version)
+        layout = (treedef, tuple(x.sharding for x in leaves))
+        if layout not in self._in_place:
+            self._in_place[layout] = jax.jit(
+                self._prepare, out_shardings=jax.tree.unflatten(treedef, layout[1]))
+        with jax.set_mesh(mesh):  # the trainer's, whatever mesh the caller traces under
+            converted = self._in_place[layout](variables, version)
+        return reshard(converted, self._shardings)
 
 
 def reshard(variables: Any, shardings: Any) -> Any:
-    """``variables`` (trainer layout, trainer dtype) readable by a program over ``shardings``'
-    devices: unchanged when they are already on those devices in that order (the engine's
-    conversion program reshards them as it casts), else moved device to device into
-    ``shardings`` (module docstring). ``shardings=None`` (an engine without a mesh): unchanged.
-    """
-    if shardings is None:
-        return variables
-    engine = jax.tree.leaves(shardings)[0]  # the engine's weights share one mesh
-    if not any(needs_transfer(x, engine) for x in jax.tree.leaves(variables)):
+    """``variables`` (device arrays) in ``shardings``, moved device to device (`jax.device_put`;
+    an array already in its target sharding is returned as is)."""
+    if all(getattr(x, "sharding", None) == s
+           for x, s in zip(jax.tree.leaves(variables), jax.tree.leaves(shardings))):
         return variables
     return jax.device_put(variables, shardings)
+
+
+def _common_mesh(leaves: list[Any]) -> Any:
+    """The mesh every leaf lives on as a `NamedSharding` device array, else None."""
+    meshes = {x.sharding.mesh if isinstance(x, jax.Array)
+              and isinstance(x.sharding, NamedSharding) else None for x in leaves}
+    return meshes.pop() if len(meshes) == 1 else None

@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from ring_jax import sharding
 from ring_jax.config import ConfigError
 from ring_jax.model import Transformer, presets
+from ring_jax.rollout import engine as engine_lib
 from ring_jax.rollout import precision as precision_lib
 from ring_jax.rollout import weight_sync
 from ring_jax.rollout.engine import Engine, EngineConfig
@@ -63,9 +64,6 @@ def test_sync_is_the_conversion_bit_for_bit_in_the_engines_layout(name, host_var
     precision = InferencePrecision("bfloat16")
     engine = Engine.from_model(CFG, host_variables[0], CONFIG, precision, mesh=mesh)
     trainer = _trainer_variables(train_mesh, seed=1)
-    # Colocated: one program reshards and casts; disaggregated: a device-to-device move first.
-    moved = any(weight_sync.needs_transfer(x, _over(mesh)) for x in jax.tree.leaves(trainer))
-    assert moved == (name == "disaggregated")
     with jax.transfer_guard_device_to_host("disallow"):  # no gather through the host
         engine.load_weights(multihost.to_engine(trainer, engine_cfg), version=7)
     assert engine.version == 7
@@ -83,26 +81,66 @@ def test_sync_is_the_conversion_bit_for_bit_in_the_engines_layout(name, host_var
 
 
 def test_reshard_moves_arrays_onto_another_device_order():
-    """A mesh over the same devices in another order cannot take the trainer's arrays as a
-    program input (jit wants one device order): `reshard` moves them device to device."""
+    """A mesh over the same devices in another order (jit wants one device order) and a mesh
+    over other devices: `reshard` moves the arrays device to device; an array already in its
+    target sharding is not copied."""
     train_mesh = sharding.make_mesh(fsdp=8)
     reversed_mesh = Mesh(np.asarray(jax.devices()[::-1]).reshape(1, 1, 8, 1), sharding.MESH_AXES,
                          axis_types=(AxisType.Auto,) * 4)
+    other_mesh = Mesh(np.asarray(jax.devices()[4:]).reshape(1, 1, 4, 1), sharding.MESH_AXES,
+                      axis_types=(AxisType.Auto,) * 4)
     x = jax.device_put(np.arange(64.0, dtype=np.float32).reshape(8, 8),
                        NamedSharding(train_mesh, P("fsdp")))
-    target = {"w": NamedSharding(reversed_mesh, P("expert"))}
-    assert weight_sync.needs_transfer(x, target["w"])
+    for mesh in (reversed_mesh, other_mesh):
+        target = {"w": NamedSharding(mesh, P("expert"))}
+        with jax.transfer_guard_device_to_host("disallow"):
+            out = weight_sync.reshard({"w": x}, target)["w"]
+        assert out.sharding == target["w"]
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+    same = weight_sync.reshard({"w": x}, {"w": NamedSharding(train_mesh, P("fsdp"))})["w"]
+    assert same is x
+
+
+@pytest.mark.parametrize("name", ["colocated_own_mesh", "disaggregated"])
+def test_converting_in_the_trainers_layout_equals_converting_in_the_engines(name):
+    """The sync converts before it moves (`WeightSync`); with every perturbation of the
+    conversion on (fp8 expert weights, per-expert scale error, router noise), that is bit for
+    bit the conversion run in the engine's layout. A layout-dependent conversion (a reduction
+    over a sharded axis, a random draw that depends on the shard) would differ here."""
+    train_sizes, engine_cfg = LAYOUTS[name]
+    train_mesh = sharding.make_mesh(**train_sizes)
+    mesh = multihost.engine_mesh(train_mesh, engine_cfg)
+    precision = InferencePrecision("bfloat16", fp8_expert_weights=True,
+                                   expert_scale_error_std=0.05, router_noise_std=0.1)
+    m = engine_lib.model_functions(CFG, CONFIG, precision, moe_impl="ragged", mesh=mesh)
+    trainer = _trainer_variables(train_mesh, seed=2)
     with jax.transfer_guard_device_to_host("disallow"):
-        out = weight_sync.reshard({"w": x}, target)["w"]
-    assert out.sharding == target["w"]
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
-    same = weight_sync.reshard({"w": x}, {"w": NamedSharding(train_mesh, P())})["w"]
-    assert same is x  # already on the program's devices: the program reshards it
+        got = weight_sync.WeightSync(m.prepare_weights, m.weight_sharding)(trainer, 5)
+    with sharding.use_mesh(mesh):
+        want = jax.jit(m.prepare_weights, out_shardings=m.weight_sharding)(
+            jax.device_put(trainer, m.weight_sharding), 5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert g.sharding == w.sharding and g.dtype == w.dtype, path
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(path))
 
 
-def _over(mesh):
-    """A sharding whose program runs on ``mesh``'s devices in its order."""
-    return NamedSharding(mesh, P())
+def test_host_arrays_and_arrays_off_the_mesh_take_the_one_program(host_variables):
+    """Host arrays (a per-host engine's gathered weights) and device arrays not on one named
+    mesh (here: all on device 0) are placed by the conversion program in the engine's layout;
+    both equal the conversion of the host arrays, in the engine's sharding."""
+    mesh = multihost.engine_mesh(sharding.make_mesh(fsdp=8),
+                                 EngineMeshConfig(layout="global", data=2, expert=4))
+    precision = InferencePrecision("bfloat16", router_noise_std=0.1)
+    m = engine_lib.model_functions(CFG, CONFIG, precision, moe_impl="ragged", mesh=mesh)
+    sync = weight_sync.WeightSync(m.prepare_weights, m.weight_sharding)
+    want = precision_lib.prepare_variables(host_variables[0], precision, 3)
+    for variables in (host_variables[0], jax.device_put(host_variables[0], jax.devices()[0])):
+        with sharding.use_mesh(mesh):
+            got = sync(variables, 3)
+        for (path, g), w, s in zip(jax.tree_util.tree_leaves_with_path(got),
+                                   jax.tree.leaves(want), jax.tree.leaves(m.weight_sharding)):
+            assert g.sharding == s and g.dtype == w.dtype, path
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(path))
 
 
 def _at(tree, path):
