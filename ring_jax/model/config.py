@@ -74,6 +74,11 @@ class ModelConfig:
     # Attention over this many queries at a time (0: all at once). A chunk's float32 scores are
     # [chunk, keys] instead of [T, T]; same result (`layers.attend_chunked`).
     attention_chunk: int = 0
+    # The ragged dispatch over this many local tokens at a time (0: all at once), each chunk
+    # rematerialised in the backward pass: its all-gathered, K-times repeated buffers are
+    # [P·chunk·K, ·] instead of [P·X·K, ·] (P expert shards, X local tokens). Same result,
+    # still dropless (`moe._ragged_chunked`); the other dispatches ignore it.
+    moe_token_chunk: int = 0
 
     def __post_init__(self):
         c = config_lib
@@ -127,6 +132,7 @@ class ModelConfig:
         c.check_one_of("dtype", self.dtype, DTYPES)
         c.check_one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
         c.check_int("attention_chunk", self.attention_chunk, min_value=0)
+        c.check_int("moe_token_chunk", self.moe_token_chunk, min_value=0)
 
     @property
     def is_moe(self) -> bool:

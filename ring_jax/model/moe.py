@@ -14,7 +14,9 @@
   * ``ragged``: dropless; assignments sorted by expert and run with `jax.lax.ragged_dot`.
     Across the expert axis tokens are all-gathered, each device runs its local experts on the
     assignments that belong to them, and a reduce-scatter returns the sums (`ragged_all_to_all`
-    is unimplemented on CPU, so the dropless path does not use it).
+    is unimplemented on CPU, so the dropless path does not use it). ``model.moe_token_chunk``
+    runs it over that many local tokens at a time, so the gathered and K-times repeated
+    buffers exist for one chunk at a time (what bounds the RL step's memory at pod scale).
 
 All three compute y = Σ_k w_k · Expert_{id_k}(x) for the routed experts; the shared experts are
 added by `MoEBlock`.
@@ -157,10 +159,48 @@ def _dropless_capacity_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_
 
 def _ragged_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg,
                   expert_axis, tensor_axis):
-    """Dropless dispatch with `ragged_dot` over the local experts. With `expert_axis`, tokens
-    are all-gathered, each shard computes its experts' share, and a reduce-scatter sums them."""
+    """Dropless dispatch with `ragged_dot` over the local experts, all of this device's tokens
+    at once, or ``cfg.moe_token_chunk`` of them at a time (`_ragged_chunked`)."""
+    if 0 < cfg.moe_token_chunk < x_XD.shape[0]:
+        y_XD = _ragged_chunked(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
+                               cfg.moe_token_chunk, expert_axis, tensor_axis)
+    else:
+        y_XD = _ragged_dispatch(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
+                                expert_axis, tensor_axis)
+    return y_XD, jnp.zeros((), jnp.float32)
+
+
+def _ragged_chunked(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, chunk,
+                    expert_axis, tensor_axis):
+    """`_ragged_dispatch` over ``chunk`` local tokens at a time (`lax.map`), each chunk
+    rematerialised in the backward pass (`jax.checkpoint`): the all-gathered, K-times repeated
+    buffers ([P·chunk·K, D] and [P·chunk·K, F], P the expert shards) exist for one chunk at a
+    time instead of for all X local tokens. Every token's output is the same sum of its K
+    experts' outputs as unchunked (dropless either way); the price is one more forward of the
+    dispatch in the backward. The last chunk is padded with invalid tokens (no expert runs on
+    them). Under `shard_map` every shard holds the same X, so all shards run the same chunk
+    count and the collectives inside each chunk match."""
     X, D = x_XD.shape
-    K = ids_XK.shape[1]
+    num_chunks = -(-X // chunk)
+    pad = num_chunks * chunk - X
+
+    def split(a):  # [X, ...] -> [num_chunks, chunk, ...], padded rows at the end
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(num_chunks, chunk, *a.shape[1:])
+
+    dispatch = jax.checkpoint(partial(_ragged_dispatch, expert_axis=expert_axis,
+                                      tensor_axis=tensor_axis))
+    y_NCD = jax.lax.map(lambda xs: dispatch(*xs, w_gate, w_up, w_down),
+                        tuple(map(split, (x_XD, ids_XK, weights_XK, valid_X))))
+    return y_NCD.reshape(num_chunks * chunk, D)[:X]
+
+
+def _ragged_dispatch(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
+                     expert_axis, tensor_axis):
+    """Every (token, expert) assignment sorted by local expert and run with `ragged_dot`. With
+    `expert_axis`, tokens are all-gathered, each shard computes its experts' share, and a
+    reduce-scatter sums them."""
+    D, K = x_XD.shape[1], ids_XK.shape[1]
     E_local = w_gate.shape[0]
     if expert_axis is not None:
         gather = partial(jax.lax.all_gather, axis_name=expert_axis, axis=0, tiled=True)
@@ -184,7 +224,7 @@ def _ragged_local(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, cfg,
         y_XD = jax.lax.psum(y_XD, tensor_axis)
     if expert_axis is not None:
         y_XD = jax.lax.psum_scatter(y_XD, expert_axis, scatter_dimension=0, tiled=True)
-    return y_XD, jnp.zeros((), jnp.float32)
+    return y_XD
 
 
 def _varying_axes(x) -> frozenset:

@@ -42,6 +42,7 @@ class ProgramReport:
     bytes_accessed: float
     compile_s: float
     extrapolated_from: tuple[int, ...] = ()  # the compiled depths, when extrapolated
+    temp_per_layer: float = 0.0  # temporaries added by one more layer, when extrapolated
 
     @property
     def peak(self) -> float:
@@ -82,7 +83,8 @@ def extrapolate(shallow: ProgramReport, deeper: ProgramReport, num_layers: int
     fields = {name: line(name) for name in (*MEMORY_FIELDS, "flops", "bytes_accessed")}
     return ProgramReport(program=shallow.program, num_layers=num_layers, **fields,
                          compile_s=shallow.compile_s + deeper.compile_s,
-                         extrapolated_from=(shallow.num_layers, deeper.num_layers))
+                         extrapolated_from=(shallow.num_layers, deeper.num_layers),
+                         temp_per_layer=deeper.temp - shallow.temp)
 
 
 def _gib(x: float) -> str:
@@ -91,14 +93,17 @@ def _gib(x: float) -> str:
 
 def format_table(reports: Sequence[ProgramReport], hbm_bytes: float, headroom: float = 0.95
                  ) -> str:
-    """A markdown table, one row per program, sizes in GiB per device."""
+    """A markdown table, one row per program, sizes in GiB per device; an extrapolated row
+    names its compiled depths and the temporaries one more layer adds (what must stay small
+    for a deep model to fit)."""
     head = ("| program | layers | argument | output | alias | temp | code | peak GiB | "
             f"fits {hbm_bytes / GiB:.0f} GiB | TFLOPs | GB accessed | compile s |")
     rows = [head, "|" + "---|" * 12]
     for r in reports:
         layers = str(r.num_layers)
         if r.extrapolated_from:
-            layers += f" (fit of {r.extrapolated_from[0]}, {r.extrapolated_from[1]})"
+            layers += (f" (fit of {r.extrapolated_from[0]}, {r.extrapolated_from[1]}; temp "
+                       f"{r.temp_per_layer / GiB:+.3g} per layer)")
         rows.append(
             f"| {r.program} | {layers} | {_gib(r.argument)} | {_gib(r.output)} | "
             f"{_gib(r.alias)} | {_gib(r.temp)} | {_gib(r.code)} | {_gib(r.peak)} | "

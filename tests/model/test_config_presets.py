@@ -21,6 +21,7 @@ from ring_jax.model import ModelConfig, Transformer, presets
     (dict(head_dim=15), "head_dim"),
     (dict(partial_rotary_factor=0.05, head_dim=16), "partial_rotary_factor"),
     (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(moe_token_chunk=-1), "moe_token_chunk"),
 ])
 def test_invalid_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):

@@ -179,3 +179,49 @@ def test_dropless_capacity_never_drops_and_matches_reference(inputs, routing, br
     assert moe.expert_capacity(X, limited) == capacities[0]
     _, dropped_limited, _ = _run(limited, x, ids, w, valid, weights)
     assert (float(dropped_limited) > 0) == (branch > 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+@pytest.mark.parametrize("routing", ["router", "all_same"])
+def test_ragged_token_chunks_match_reference(inputs, chunk, routing):
+    """`moe_token_chunk` runs the ragged dispatch over chunks of the tokens (X = 48: chunk 7
+    pads the last of 7 chunks with invalid tokens, chunk 1 runs 48 chunks), with uneven routing
+    too (every token on experts 0 and 1, so one chunk's groups are all-or-nothing). Output and
+    grads equal the reference; a chunk that dropped or double-counted its padding, or whose
+    remat lost the weight gradient of a chunk, would not."""
+    cfg, x, ids, w, valid, weights = inputs
+    if routing == "all_same":
+        ids = jnp.broadcast_to(jnp.arange(cfg.num_experts_per_tok, dtype=jnp.int32), ids.shape)
+    chunked = dataclasses.replace(cfg, moe_impl="ragged", moe_token_chunk=chunk)
+    y, dropped, grads = _run(chunked, x, ids, w, valid, weights)
+    y_ref, _, grads_ref = _run(dataclasses.replace(cfg, moe_impl="reference"), x, ids, w, valid,
+                               weights)
+    assert float(dropped) == 0.0
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, rtol=1e-4)
+
+
+def _intermediate_dims(jaxpr) -> set[int]:
+    """Every dimension size of every intermediate in ``jaxpr`` (sub-jaxprs included)."""
+    dims = set()
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            dims.update(getattr(v.aval, "shape", ()))
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            dims |= _intermediate_dims(sub)
+    return dims
+
+
+def test_ragged_token_chunk_bounds_the_assignment_buffers(inputs):
+    """What the lever is for: unchunked, the (token, expert) buffers of the forward and the
+    backward are [X·K, ·] = [96, ·]; with chunks of 8 tokens they are [8·K, ·] = [16, ·] and
+    nothing of length X·K is left."""
+    cfg, x, ids, w, valid, weights = inputs
+    K = cfg.num_experts_per_tok
+    dims = {}
+    for chunk in (0, 8):
+        run = _grad_fn(dataclasses.replace(cfg, moe_impl="ragged", moe_token_chunk=chunk))
+        dims[chunk] = _intermediate_dims(jax.make_jaxpr(run)(x, w, *weights, ids, valid).jaxpr)
+    assert B * T * K in dims[0]
+    assert B * T * K not in dims[8] and 8 * K in dims[8]

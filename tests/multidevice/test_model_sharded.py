@@ -38,8 +38,11 @@ def _single_device(impl):
     return _SINGLE[impl]
 
 
-def _check_mesh(impl, shape):
+def _check_mesh(impl, shape, sharded_model=None):
+    """The sharded run (of ``sharded_model``, default the same model) equals the single-device
+    result of ``impl``."""
     cfg, model, variables, tokens, (loss, aux, grads) = _single_device(impl)
+    model = sharded_model or model
     mesh = sharding.make_mesh(*shape)
     with sharding.use_mesh(mesh):
         shardings = sharding.param_shardings(mesh, sharding.param_logical_axes(model, tokens))
@@ -84,6 +87,16 @@ def test_sharded_matches_single_device(impl, shape):
                                          for s in ALL_MESHES if (i, s) not in DEFAULT])
 def test_sharded_matches_single_device_all_meshes(impl, shape):
     _check_mesh(impl, shape)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4, 1), (1, 1, 4, 2)])
+def test_sharded_ragged_token_chunks_match_single_device(shape):
+    """`moe_token_chunk=5` under a mesh: each device's 12 (fsdp × expert) or 24 (expert × tensor)
+    tokens run in chunks of 5 (the last one padded), each chunk all-gathered over `expert` and
+    reduce-scattered back (psum over `tensor` inside the chunk), equal the unchunked
+    single-device ragged result. Chunks mismatched between shards would mix tokens."""
+    chunked = presets.get("tiny", moe_impl="ragged", capacity_factor=8.0, moe_token_chunk=5)
+    _check_mesh("ragged", shape, Transformer(chunked))
 
 
 def test_sharded_decode_matches_single_device():

@@ -40,6 +40,8 @@ def test_extrapolation_is_the_line_through_two_depths():
     assert full.bytes_accessed == 20.0 + 18 * 10.0
     assert full.output == 1.0 and full.code == 2.0  # constant in depth
     assert full.compile_s == 3.0
+    assert full.temp_per_layer == 1 * GiB
+    assert "| 20 (fit of 2, 3; temp +1 per layer) |" in report.format_table([full], 95 * GiB)
     # A slope from non-consecutive depths would be off by their distance.
     with pytest.raises(ValueError, match="N and N \\+ 1"):
         report.extrapolate(shallow, _report(4, 16 * GiB, 6 * GiB), 20)
