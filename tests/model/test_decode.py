@@ -68,8 +68,9 @@ def test_padding_positions_write_nothing_and_reprefill(setup):
     cache = init_cache(cfg, 3, MAX_LEN, jnp.float32)
     pos = jnp.asarray([[0, 1, -1, -1]] * 3, jnp.int32)
     _, _, cache = apply(tokens[:, :4], pos, cache)
-    k = np.asarray(cache[0]["k"])
-    assert np.abs(k[:, :2]).sum() > 0 and np.abs(k[:, 2:]).sum() == 0
+    k_BNSQ = np.asarray(cache[0]["k"])
+    assert k_BNSQ.shape == (3, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
+    assert np.abs(k_BNSQ[:, :, :2]).sum() > 0 and np.abs(k_BNSQ[:, :, 2:]).sum() == 0
     # Re-prefilling a slot from position 0 with other tokens overwrites it; stale entries
     # beyond the new length are never attended: logits equal a fresh cache's.
     other = tokens[:, 4:7]
