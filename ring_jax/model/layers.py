@@ -99,7 +99,7 @@ class Attention(nn.Module):
     """GQA self-attention with per-head QK RMSNorm before partial RoPE (PAPER §4).
 
     Without a cache, keys are this call's tokens and `mask_BTS` is [B, T, T]. With a cache
-    (a dict with k/v [B, S, N, Q]), every token first writes its k/v into slot
+    (a dict with k/v [B, N, S, Q], `cache_shape`), every token first writes its k/v into slot
     `positions_BT[b, t]` (negative positions write nothing), then the queries attend over all
     S slots under `mask_BTS` [B, T, S].
     """
@@ -130,32 +130,42 @@ class Attention(nn.Module):
         q_BTHQ = constrain(q_BTHQ, ("act_batch", "act_len", "act_heads", None))
 
         new_cache = None
-        if cache is not None:
-            k_BTNQ, v_BTNQ, new_cache = write_cache(cache, k_BTNQ, v_BTNQ, positions_BT)
-            k_BTNQ, v_BTNQ = k_BTNQ.astype(dt), v_BTNQ.astype(dt)
+        if cache is None:
+            k_BNSQ, v_BNSQ = k_BTNQ.swapaxes(1, 2), v_BTNQ.swapaxes(1, 2)
+        else:
+            k_BNSQ, v_BNSQ, new_cache = write_cache(cache, k_BTNQ, v_BTNQ, positions_BT)
+            k_BNSQ, v_BNSQ = k_BNSQ.astype(dt), v_BNSQ.astype(dt)
 
         B, T = q_BTHQ.shape[:2]
         q_BTNGQ = q_BTHQ.reshape(B, T, N, H // N, Q)
         if 0 < cfg.attention_chunk < T:
-            out_BTNGQ = attend_chunked(q_BTNGQ, k_BTNQ, v_BTNQ, mask_BTS, cfg.attention_chunk)
+            out_BTNGQ = attend_chunked(q_BTNGQ, k_BNSQ, v_BNSQ, mask_BTS, cfg.attention_chunk)
         else:
-            out_BTNGQ = attend(q_BTNGQ, k_BTNQ, v_BTNQ, mask_BTS)
+            out_BTNGQ = attend(q_BTNGQ, k_BNSQ, v_BNSQ, mask_BTS)
         out_BTD = jnp.einsum("bthq,hqd->btd", out_BTNGQ.reshape(B, T, H, Q), w_o_HQD.astype(dt))
         return out_BTD, new_cache
 
 
-def attend(q_BTNGQ: jax.Array, k_BSNQ: jax.Array, v_BSNQ: jax.Array,
+def attend(q_BTNGQ: jax.Array, k_BNSQ: jax.Array, v_BNSQ: jax.Array,
            mask_BTS: jax.Array) -> jax.Array:
-    """softmax(q·kᵀ / √Q, masked) · v with float32 scores [B, N, G, T, S]; out in v's dtype."""
+    """softmax(q·kᵀ / √Q, masked) · v with float32 scores [B, N, G, T, S]; out in v's dtype.
+
+    k and v are [B, N, S, Q], the KV cache's layout (`CACHE_LOGICAL_AXES`), and each dot is
+    written with its operands in the order XLA's canonical dot reads them (batch dims major,
+    then free, then contracted for the left operand; batch, contracted, free for the right):
+    k as the left operand of the score dot and v as the right operand of the output dot, so
+    neither whole cache is transposed before its dot; only the small q and probs are.
+    """
     Q = q_BTNGQ.shape[-1]
-    scores_BNGTS = jnp.einsum("btngq,bsnq->bngts", q_BTNGQ, k_BSNQ,
+    scores_BNSGT = jnp.einsum("bnsq,btngq->bnsgt", k_BNSQ, q_BTNGQ,
                               preferred_element_type=jnp.float32) / math.sqrt(Q)
+    scores_BNGTS = scores_BNSGT.transpose(0, 1, 3, 4, 2)
     scores_BNGTS = jnp.where(mask_BTS[:, None, None], scores_BNGTS, MASK_VALUE)
-    probs_BNGTS = jax.nn.softmax(scores_BNGTS, axis=-1).astype(v_BSNQ.dtype)
-    return jnp.einsum("bngts,bsnq->btngq", probs_BNGTS, v_BSNQ)
+    probs_BNGTS = jax.nn.softmax(scores_BNGTS, axis=-1).astype(v_BNSQ.dtype)
+    return jnp.einsum("bngts,bnsq->btngq", probs_BNGTS, v_BNSQ)
 
 
-def attend_chunked(q_BTNGQ: jax.Array, k_BSNQ: jax.Array, v_BSNQ: jax.Array,
+def attend_chunked(q_BTNGQ: jax.Array, k_BNSQ: jax.Array, v_BNSQ: jax.Array,
                    mask_BTS: jax.Array, chunk: int) -> jax.Array:
     """`attend`, ``chunk`` queries at a time: float32 scores exist for [chunk, S] only, in the
     forward and (each chunk rematerialised) in the backward pass. Every query row's softmax is
@@ -168,7 +178,7 @@ def attend_chunked(q_BTNGQ: jax.Array, k_BSNQ: jax.Array, v_BSNQ: jax.Array,
         B, num_chunks, chunk, *q_BTNGQ.shape[2:]).swapaxes(0, 1)
     mask_CBcS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0))).reshape(
         B, num_chunks, chunk, -1).swapaxes(0, 1)
-    body = jax.checkpoint(lambda qm: attend(qm[0], k_BSNQ, v_BSNQ, qm[1]))
+    body = jax.checkpoint(lambda qm: attend(qm[0], k_BNSQ, v_BNSQ, qm[1]))
     out_CBcNGQ = jax.lax.map(body, (q_CBcNGQ, mask_CBcS))
     return out_CBcNGQ.swapaxes(0, 1).reshape(B, num_chunks * chunk,
                                              *q_BTNGQ.shape[2:])[:, :T]
@@ -176,20 +186,29 @@ def attend_chunked(q_BTNGQ: jax.Array, k_BSNQ: jax.Array, v_BSNQ: jax.Array,
 
 def write_cache(cache: dict[str, jax.Array], k_BTNQ: jax.Array, v_BTNQ: jax.Array,
                 positions_BT: jax.Array):
-    """Scatters this call's k/v into slots `positions_BT` of each row; negative positions are
-    padding and are sent out of range so `mode="drop"` writes nothing."""
-    S = cache["k"].shape[1]
+    """Scatters this call's k/v into slots `positions_BT` of each row of the [B, N, S, Q]
+    cache; negative positions are padding and are sent out of range so `mode="drop"` writes
+    nothing."""
+    S = cache["k"].shape[CACHE_LEN_AXIS]
     slot_BT = jnp.where(positions_BT < 0, S, positions_BT)
     row_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
-    k_BSNQ = cache["k"].at[row_BT, slot_BT].set(k_BTNQ.astype(cache["k"].dtype), mode="drop")
-    v_BSNQ = cache["v"].at[row_BT, slot_BT].set(v_BTNQ.astype(cache["v"].dtype), mode="drop")
-    k_BSNQ = constrain(k_BSNQ, CACHE_LOGICAL_AXES)
-    v_BSNQ = constrain(v_BSNQ, CACHE_LOGICAL_AXES)
-    return k_BSNQ, v_BSNQ, {"k": k_BSNQ, "v": v_BSNQ}
+    # Advanced indices split by a slice: the indexed dims (b, t) lead the update, [B, T, N, Q].
+    k_BNSQ = cache["k"].at[row_BT, :, slot_BT].set(k_BTNQ.astype(cache["k"].dtype), mode="drop")
+    v_BNSQ = cache["v"].at[row_BT, :, slot_BT].set(v_BTNQ.astype(cache["v"].dtype), mode="drop")
+    k_BNSQ = constrain(k_BNSQ, CACHE_LOGICAL_AXES)
+    v_BNSQ = constrain(v_BNSQ, CACHE_LOGICAL_AXES)
+    return k_BNSQ, v_BNSQ, {"k": k_BNSQ, "v": v_BNSQ}
 
 
-# Logical axes of each cache array [B, S, N, Q].
-CACHE_LOGICAL_AXES = ("act_batch", "cache_len", "act_kv_heads", None)
+def cache_shape(batch_size: int, max_len: int, num_kv_heads: int, head_dim: int):
+    """Shape of each cache array: [B, N, S, Q], the layout `attend`'s dots read without a
+    transpose (a [B, S, N, Q] cache was copied whole into that layout after every write)."""
+    return (batch_size, num_kv_heads, max_len, head_dim)
+
+
+# Logical axes of each cache array [B, N, S, Q]; the slot (sequence) axis is CACHE_LEN_AXIS.
+CACHE_LOGICAL_AXES = ("act_batch", "act_kv_heads", "cache_len", None)
+CACHE_LEN_AXIS = 2
 
 
 class MLP(nn.Module):

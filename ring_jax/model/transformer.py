@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from ring_jax.model.config import ModelConfig
-from ring_jax.model.layers import (CACHE_LOGICAL_AXES, MLP, Attention, RMSNorm, constrain,
-                                   make_param, normal_init, rope_cos_sin)
+from ring_jax.model.layers import (CACHE_LEN_AXIS, CACHE_LOGICAL_AXES, MLP, Attention, RMSNorm,
+                                   cache_shape, constrain, make_param, normal_init,
+                                   rope_cos_sin)
 from ring_jax.model.moe import MoEBlock
 
 Cache = tuple[dict[str, jax.Array], ...]
@@ -33,10 +34,10 @@ def block_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-    """Empty KV cache: one {'k', 'v'} of [B, S, N, Q] per layer (logical axes
+    """Empty KV cache: one {'k', 'v'} of `cache_shape` [B, N, S, Q] per layer (logical axes
     `CACHE_LOGICAL_AXES`; see `cache_logical_axes`)."""
     dtype = cfg.compute_jnp_dtype if dtype is None else dtype
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = cache_shape(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                  for _ in range(cfg.num_layers))
 
@@ -156,7 +157,7 @@ class Transformer(nn.Module):
         """[B, T, S] attention mask. Full sequence: causal in token order, within a segment.
         Cache: query at position p sees its row's slots s <= p."""
         if cache is not None:
-            S = cache[0]["k"].shape[1]
+            S = cache[0]["k"].shape[CACHE_LEN_AXIS]
             return jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
         T = positions_BT.shape[1]
         mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]

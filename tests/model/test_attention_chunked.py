@@ -13,8 +13,8 @@ from ring_jax.model.layers import attend, attend_chunked
 def _inputs(B=2, T=10, N=2, G=2, Q=8):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (B, T, N, G, Q))
-    k = jax.random.normal(kk, (B, T, N, Q))
-    v = jax.random.normal(kv, (B, T, N, Q))
+    k = jax.random.normal(kk, (B, N, T, Q))  # keys/values [B, N, S, Q], the cache's layout
+    v = jax.random.normal(kv, (B, N, T, Q))
     # Causal within two packed segments per row ([0..5], [6..9]) and a fully masked row
     # pattern at the end of row 1 (padding queries): a chunk boundary falls inside a segment.
     seg = jnp.asarray([[1] * 6 + [2] * 4, [1] * 7 + [0] * 3])

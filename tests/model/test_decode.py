@@ -68,8 +68,9 @@ def test_padding_positions_write_nothing_and_reprefill(setup):
     cache = init_cache(cfg, 3, MAX_LEN, jnp.float32)
     pos = jnp.asarray([[0, 1, -1, -1]] * 3, jnp.int32)
     _, _, cache = apply(tokens[:, :4], pos, cache)
-    k = np.asarray(cache[0]["k"])
-    assert np.abs(k[:, :2]).sum() > 0 and np.abs(k[:, 2:]).sum() == 0
+    k_BNSQ = np.asarray(cache[0]["k"])
+    assert k_BNSQ.shape == (3, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
+    assert np.abs(k_BNSQ[:, :, :2]).sum() > 0 and np.abs(k_BNSQ[:, :, 2:]).sum() == 0
     # Re-prefilling a slot from position 0 with other tokens overwrites it; stale entries
     # beyond the new length are never attended: logits equal a fresh cache's.
     other = tokens[:, 4:7]
@@ -79,3 +80,32 @@ def test_padding_positions_write_nothing_and_reprefill(setup):
     _, _, cache = apply(tokens[:, :8], pos8, init_cache(cfg, 3, MAX_LEN, jnp.float32))
     reused = apply(other, pos3, cache)[0]
     np.testing.assert_allclose(np.asarray(reused), np.asarray(fresh), atol=1e-6)
+
+
+def test_decode_step_copies_no_whole_cache(setup):
+    """The cache is stored in the layout the attention dots read ([B, N, S, Q]): a decode
+    step's compiled program scatters into it and reads it, but never copies or transposes a
+    whole cache array. A cache stored [B, S, N, Q] showed two `transpose_copy_fusion`s of the
+    full cache per layer here (issue 16: 20-31% of the engine's decode op time)."""
+    cfg, tokens, variables = setup
+    model = Transformer(cfg)
+    B = 3
+    cache = init_cache(cfg, B, MAX_LEN, jnp.float32)
+    # Donated, as the engine's decode donates its slot state: else the write copies the input.
+    apply = jax.jit(lambda t, p, c: model.apply(variables, t, positions_BT=p, cache=c),
+                    donate_argnums=2)
+    hlo = apply.lower(tokens[:, :1], jnp.full((B, 1), 5, jnp.int32), cache).compile().as_text()
+    cache_dims = sorted(cache[0]["k"].shape)  # any permutation of the cache's shape
+    whole_cache_copies = []
+    for computation in hlo.split("\n\n"):
+        if computation.lstrip().startswith(("%fused", "%wrapped")):
+            continue  # fusion bodies: their ops run inside the fusion's one kernel
+        for line in computation.splitlines():
+            if " = " not in line:
+                continue
+            name, rest = line.strip().removeprefix("ROOT ").split(" = ", 1)
+            dims = rest[rest.find("[") + 1:rest.find("]")].split(",")
+            is_cache = sorted(int(d) for d in dims if d.isdigit()) == cache_dims
+            if is_cache and ("transpose" in name or "copy" in name):
+                whole_cache_copies.append(line.strip()[:120])
+    assert not whole_cache_copies, whole_cache_copies
