@@ -48,6 +48,17 @@ def _run(cfg, x, ids, w, valid, weights):
     return y * valid[..., None], dropped, grads
 
 
+def _assert_dropless_and_equal_to_reference(fast_cfg, cfg, x, ids, w, valid, weights):
+    """``fast_cfg``'s dispatch drops nothing; its output and grads equal the loop reference's."""
+    y, dropped, grads = _run(fast_cfg, x, ids, w, valid, weights)
+    y_ref, _, grads_ref = _run(dataclasses.replace(cfg, moe_impl="reference"), x, ids, w, valid,
+                               weights)
+    assert float(dropped) == 0.0
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def reference(inputs):
     cfg, *rest = inputs
@@ -165,13 +176,7 @@ def test_dropless_capacity_never_drops_and_matches_reference(inputs, routing, br
     assert capacities == (24, 48)
     assert int(moe.capacity_branch(ids.reshape(X, K), valid.reshape(X), capacities, E)) == branch
     dropless = dataclasses.replace(cfg, moe_impl="dropless_capacity", capacity_factor=1.0)
-    y, dropped, grads = _run(dropless, x, ids, w, valid, weights)
-    y_ref, _, grads_ref = _run(dataclasses.replace(cfg, moe_impl="reference"), x, ids, w, valid,
-                               weights)
-    assert float(dropped) == 0.0
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, rtol=1e-4)
+    _assert_dropless_and_equal_to_reference(dropless, cfg, x, ids, w, valid, weights)
     # The same routing through a plain capacity dispatch at the smallest branch's C drops
     # tokens exactly when the routing overflows it: the fallback keeps it dropless.
     limited = dataclasses.replace(cfg, moe_impl="capacity", min_capacity=1,
@@ -193,13 +198,7 @@ def test_ragged_token_chunks_match_reference(inputs, chunk, routing):
     if routing == "all_same":
         ids = jnp.broadcast_to(jnp.arange(cfg.num_experts_per_tok, dtype=jnp.int32), ids.shape)
     chunked = dataclasses.replace(cfg, moe_impl="ragged", moe_token_chunk=chunk)
-    y, dropped, grads = _run(chunked, x, ids, w, valid, weights)
-    y_ref, _, grads_ref = _run(dataclasses.replace(cfg, moe_impl="reference"), x, ids, w, valid,
-                               weights)
-    assert float(dropped) == 0.0
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, rtol=1e-4)
+    _assert_dropless_and_equal_to_reference(chunked, cfg, x, ids, w, valid, weights)
 
 
 def _intermediate_dims(jaxpr) -> set[int]:
