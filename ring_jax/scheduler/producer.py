@@ -55,9 +55,18 @@ class Producer:
             self._thread.start()
 
     def wait_idle(self) -> None:
-        """Blocks until the thread waits for weights, has finished, or failed."""
-        while self.started and not (self.idle or self.done or self._sched.failed):
+        """Blocks until the thread waits for weights not yet published, has finished, or failed.
+
+        `idle` alone is not enough: it stays set from the moment the trainer publishes the
+        awaited version until the thread wakes, and a cut taken in that window would leave an
+        older published version uninstalled, which a restored process (it re-publishes only the
+        current one) could not install."""
+        while self.started and not (self._blocked_on_unpublished() or self.done
+                                    or self._sched.failed):
             self._cond.wait(POLL_S)
+
+    def _blocked_on_unpublished(self) -> bool:
+        return self.idle and self._sched.state.version < self._required_version()
 
     def join(self, timeout_s: float = 2.0) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
