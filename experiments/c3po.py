@@ -60,6 +60,49 @@ An equivalence test, not "no significant difference".
   the RL gain (pass@1 last 2 evals − before RL), which says whether 60 steps moved the policy
   enough for parity to mean something.
 
+Study 4b: parity between policies that learn (issue 14; declared before its runs)
+-------------------------------------------------------------------------------
+Why: study 4 ("parity", above) found paced C3PO++ equivalent to sync within ±0.05, but on a
+held-out pass@1 of ~0.04 that RL *lowered* in both arms. Its evaluation set was all distinct
+held-out problems of the 1-12 digit mix: the one-digit problem space (100 problems, 10 held out)
+cannot follow a mix that draws 44% one-digit problems, so the set was mostly 2-12 digit sums
+while the training reward came mostly from one-digit ones. Study 4b (config ``parity_v2``,
+sweep study ``parity_v2``, `PARITY_V2`) fixes the evaluation's difficulty and the recipe, and
+asks the same question.
+
+* **Task**: addition with worked column sums, operand size 2-10 digits, P(size) ∝
+  (size − 1)^-1.5 (`draw_size`): 51% two-digit, 18% three-digit, ..., 1.9% ten-digit, so the
+  responses keep a long tail (~2-digit ~26 tokens, 10-digit ~95). Sizes start at 2 because one
+  digit leaves no room to hold out: every size ≥ 2 has ≥ 8,100 problems.
+* **Held-out split** (``task.kwargs.eval_fraction = 0.25``, hash-chosen, disjoint from every
+  SFT/RL draw by construction): the 1024 distinct evaluation problems then keep the training
+  mix: measured 48.9% / 17.1% two/three-digit vs 50.9% / 18.0% in training, every other size
+  within 1.2 points (with the default 0.1 the two-digit share falls to 42.4%: 810 held-out
+  two-digit problems run out of distinct ones). One evaluation set for every seed and arm.
+* **Recipe**: as study 4 (tiny Ling-2.0 MoE, GRPO + IcePop, bf16 engine, batch 32 = 4 groups
+  of 8, SFT warm start per seed shared by both arms, engine bucket warm-up on) but SFT
+  ``PARITY_V2["sft_steps"]`` steps and RL ``PARITY_V2["rl_steps"]`` steps at learning rate
+  ``PARITY_V2["learning_rate"]`` (study 4: 2e-4, at which RL lowered held-out accuracy).
+  **Pilot** (seed `PARITY_V2_PILOT_SEED` = 100, not a study seed; sync arm only; its runs are
+  not part of the study): SFT 400 steps, then sync RL 60 steps at 1e-4 (the quickstart's rate,
+  at which held-out pass@1 rose 0.46 -> 0.69 in 25 steps) and at 2e-4 (study 4's); the rate is
+  chosen whose RL gain (pass@1 steps 40/60 − before RL) is positive, the lower one if both are.
+  Pilot result and choice: PENDING (filled in before the study's runs).
+* **Arms** (`PARITY_ARMS`): sync (the baseline) and paced (Φ = 1024, σ_max = 4), as study 4.
+* **Seeds**: `PARITY_V2_SEEDS` (0-4), paired by seed as study 4. All five are launched; seeds
+  0-2 at a higher CPU priority than 3-4, and the verdict uses every seed whose two arms have
+  finished by the session's cut-off (00:20 UTC 2026-12-03), at least 3; a seed is left out only
+  for being unfinished, never for its outcome, and the write-up names any left out.
+* **Evaluation, primary outcome, verdict**: as study 4: greedy fp32 pass@1 on the 1024
+  held-out problems at RL steps 0, 20, 40, 60; primary outcome the mean of steps 40 and 60;
+  `stats.tost` of the paired differences paced − sync at margin ±`PARITY_MARGIN` (0.05; at the
+  expected pass@1 of ~0.2-0.5 a 5-point difference is a tenth to a quarter of the level, the
+  size a reviewer would call a real loss; declared before the runs, not tightened after).
+* **Readouts**: as study 4 (trained length mean/p90, purged %, RL seconds, RL gain). The RL
+  gain of the sync arm is the study's validity check: if it is not positive (mean over seeds,
+  bootstrap CI excluding 0), the write-up says that the parity tested is again between
+  policies that do not learn, whatever the verdict.
+
 Commands (resumable; figures and table.md into <figures>/<study>/):
 
     python experiments/sweep.py --config=experiments/c3po.py:local \
@@ -78,6 +121,8 @@ Args (comma-separated after ':'):
   sft                      SFT warm start only (rl.num_steps = 0)
   local                    the CPU size of the older studies
   parity                   the parity study's evaluation (1024 problems, every 20 steps)
+  parity_v2                study 4b: its task mix, held-out split, recipe and evaluation
+  lr=X                     the RL learning rate (study 4b's pilot only)
   smoke                    a tiny run for the end-to-end test (learns nothing)
 
 Expected. ``parity`` (measured, 5 seeds, 59 min on the shared 2-core CPU at load 7-19;
@@ -135,7 +180,14 @@ PARITY_SEEDS = (0, 1, 2, 3, 4)
 PARITY_ARMS = {"sync": "mode=sync", "paced": "mode=paced"}
 PARITY_EVAL_PROMPTS = 1024
 PARITY_MARGIN = 0.05  # the TOST equivalence margin on the paired pass@1 difference
-BASELINE = {"parity": "sync"}
+BASELINE = {"parity": "sync", "parity_v2": "sync"}
+# Study 4b (issue 14; design declared in the module docstring before its runs): sizes 2-10 with
+# the same tail, a held-out split large enough that the evaluation set keeps the training mix,
+# and an RL recipe piloted (seed PARITY_V2_PILOT_SEED) to raise held-out pass@1 under sync.
+PARITY_V2 = dict(task=dict(min_size=2, max_size=10, size_tail=1.5, eval_fraction=0.25),
+                 sft_steps=400, rl_steps=60, learning_rate=1e-4, eval_every=20)
+PARITY_V2_SEEDS = (0, 1, 2, 3, 4)
+PARITY_V2_PILOT_SEED = 100  # not a study seed
 LAST_EVALS = 2  # the primary outcome: pass@1 averaged over the evaluations at steps 40 and 60
 
 
@@ -174,8 +226,8 @@ READOUTS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    known_flags = {"sft", "local", "smoke", "parity"}
-    known_values = {"mode", "phi", "sigma", "k", "seed"}
+    known_flags = {"sft", "local", "smoke", "parity", "parity_v2"}
+    known_values = {"mode", "phi", "sigma", "k", "seed", "lr"}
     flags, values = parse_config_arg(arg, known_flags, known_values)
     c = common.base_config()
     c.seed = int(values.get("seed", 0))
@@ -194,6 +246,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.update(save_every=20, max_to_keep=1)
     if "parity" in flags:  # greedy pass@1 on a larger fixed held-out set, every 20 steps
         c.eval.update(every=20, num_prompts=PARITY_EVAL_PROMPTS, num_samples=1)
+    if "parity_v2" in flags:  # study 4b: the mix, held-out split and recipe of PARITY_V2
+        c.task.kwargs = dict(PARITY_V2["task"], show_steps=True)
+        c.sft.num_steps = PARITY_V2["sft_steps"]
+        c.rl.num_steps = PARITY_V2["rl_steps"]
+        c.rl.optim.learning_rate = PARITY_V2["learning_rate"]
+        c.eval.update(every=PARITY_V2["eval_every"], num_prompts=PARITY_EVAL_PROMPTS,
+                      num_samples=1)
+    if "lr" in values:  # pilots only: the RL learning rate
+        c.rl.optim.learning_rate = float(values["lr"])
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:
         common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),
@@ -207,14 +268,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "") -> list[dict]:
     """One SFT warm start per seed, then every study's arms × seeds initialised from it (runs
-    shared between studies run once). Run dicts as in experiments/icepop.py. ``parity``: the
-    parity study alone (its own SFT warm starts, seeds `PARITY_SEEDS`)."""
-    if arg == "parity":
-        runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s},parity", study="sft", label="sft",
-                     init=None) for s in PARITY_SEEDS]
-        return runs + [dict(name=f"{label}_s{s}", arg=f"{arm},seed={s},parity", study="parity",
+    shared between studies run once). Run dicts as in experiments/icepop.py. ``parity`` /
+    ``parity_v2``: that parity study alone (study 4 / 4b: its own SFT warm starts, seeds
+    `PARITY_SEEDS` / `PARITY_V2_SEEDS`)."""
+    if arg in ("parity", "parity_v2"):
+        seeds = PARITY_SEEDS if arg == "parity" else PARITY_V2_SEEDS
+        runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s},{arg}", study="sft", label="sft",
+                     init=None) for s in seeds]
+        return runs + [dict(name=f"{label}_s{s}", arg=f"{arm},seed={s},{arg}", study=arg,
                             label=label, init=f"sft_s{s}")
-                       for s in PARITY_SEEDS for label, arm in PARITY_ARMS.items()]
+                       for s in seeds for label, arm in PARITY_ARMS.items()]
     size = "," + arg if arg else ""
     runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",
                  init=None) for s in SEEDS]

@@ -61,12 +61,21 @@ def test_task_mix_is_long_tailed(experiment_file):
     assert cfg.scheduler.sampling.max_new_tokens >= lengths[-1] + 20  # the longest fit
 
 
-def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file):
+STUDY_4_TASK = dict(min_size=1, max_size=12, size_tail=1.5, show_steps=True)
+STUDY_4B_TASK = dict(min_size=2, max_size=10, size_tail=1.5, eval_fraction=0.25,
+                     show_steps=True)
+
+
+@pytest.mark.parametrize("name, seeds, task_kwargs, learning_rate", [
+    ("parity", "PARITY_SEEDS", STUDY_4_TASK, 2e-4),
+    ("parity_v2", "PARITY_V2_SEEDS", STUDY_4B_TASK, 1e-4)])
+def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file, name, seeds,
+                                                           task_kwargs, learning_rate):
     study = experiment_file("c3po")
-    runs = study.get_sweep("parity")
-    parity = [r for r in runs if r["study"] == "parity"]
-    assert {r["label"] for r in parity} == {"sync", "paced"} and study.BASELINE["parity"] == "sync"
-    assert len(parity) == 2 * len(study.PARITY_SEEDS) >= 6  # ≥ 3 paired seeds
+    runs = study.get_sweep(name)
+    parity = [r for r in runs if r["study"] == name]
+    assert {r["label"] for r in parity} == {"sync", "paced"} and study.BASELINE[name] == "sync"
+    assert len(parity) == 2 * len(getattr(study, seeds)) >= 6  # ≥ 3 paired seeds
     sft = {r["name"]: r for r in runs if r["study"] == "sft"}
     evals = set()
     for r in parity:  # both arms of seed s start from sft_s<s>; one eval set for all
@@ -75,10 +84,33 @@ def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file):
         cfg = experiment.from_config_dict(study.get_config(r["arg"]))
         assert cfg.scheduler.mode == r["label"] and cfg.seed == int(seed)
         evals.add((cfg.eval.num_prompts, cfg.eval.greedy_engine, cfg.eval.every,
-                   cfg.rl.num_steps, tuple(sorted(dict(cfg.task.kwargs).items()))))
-    assert evals == {(study.PARITY_EVAL_PROMPTS, "float32", 20, 60,
-                      tuple(sorted(dict(min_size=1, max_size=12, size_tail=1.5,
-                                        show_steps=True).items())))}
+                   cfg.rl.num_steps, cfg.rl.optim.learning_rate,
+                   tuple(sorted(dict(cfg.task.kwargs).items()))))
+    assert evals == {(study.PARITY_EVAL_PROMPTS, "float32", 20, 60, learning_rate,
+                      tuple(sorted(task_kwargs.items())))}
+    assert study.PARITY_V2_PILOT_SEED not in study.PARITY_V2_SEEDS
+
+
+def test_parity_v2_eval_set_keeps_the_training_size_mix(experiment_file):
+    """Study 4b's point: its held-out problems are as hard as its training draws (study 4's
+    were mostly 2-12 digit sums while half the training draws were one-digit)."""
+    from ring_jax.data.tokenizer import get_tokenizer
+    from ring_jax.train.evaluate import eval_records
+    study = experiment_file("c3po")
+    cfg = experiment.from_config_dict(study.get_config("mode=sync,seed=0,parity_v2"))
+    task = tasks.get(cfg.task.name, **dict(cfg.task.kwargs))
+    size = lambda prompt: len(prompt.split("+")[0])  # digits of the first operand
+    records = eval_records(task, get_tokenizer("byte"), cfg.eval.num_prompts)
+    eval_sizes = [size(r["prompt_text"]) for r in records]
+    train_sizes = [size(task.sample(i, 0).prompt) for i in range(2000)]
+    assert min(eval_sizes) == min(train_sizes) == 2 and max(eval_sizes) == 10
+    for digits in range(2, 11):
+        eval_share = eval_sizes.count(digits) / len(eval_sizes)
+        train_share = train_sizes.count(digits) / len(train_sizes)
+        assert abs(eval_share - train_share) < 0.04, (digits, eval_share, train_share)
+    lengths = sorted(len(task.sample(i, 0).thoughts) for i in range(400))
+    assert lengths[int(0.95 * len(lengths))] >= 2.5 * lengths[len(lengths) // 2]  # a long tail
+    assert cfg.scheduler.sampling.max_new_tokens >= lengths[-1] + 20
 
 
 def _fake_run(root, name, evals, lengths=(20.0,)):
