@@ -270,13 +270,14 @@ def get_sweep(arg: str = "") -> list[dict]:
     """One SFT warm start per seed, then every study's arms × seeds initialised from it (runs
     shared between studies run once). Run dicts as in experiments/icepop.py. ``parity`` /
     ``parity_v2``: that parity study alone (study 4 / 4b: its own SFT warm starts, seeds
-    `PARITY_SEEDS` / `PARITY_V2_SEEDS`)."""
-    if arg in ("parity", "parity_v2"):
-        seeds = PARITY_SEEDS if arg == "parity" else PARITY_V2_SEEDS
+    `PARITY_SEEDS` / `PARITY_V2_SEEDS`); a size flag may follow (``parity_v2,smoke``)."""
+    parity_study = arg.partition(",")[0]  # "parity_v2,smoke": study 4b at the smoke size
+    if parity_study in ("parity", "parity_v2"):
+        seeds = PARITY_SEEDS if parity_study == "parity" else PARITY_V2_SEEDS
         runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s},{arg}", study="sft", label="sft",
                      init=None) for s in seeds]
-        return runs + [dict(name=f"{label}_s{s}", arg=f"{arm},seed={s},{arg}", study=arg,
-                            label=label, init=f"sft_s{s}")
+        return runs + [dict(name=f"{label}_s{s}", arg=f"{arm},seed={s},{arg}",
+                            study=parity_study, label=label, init=f"sft_s{s}")
                        for s in seeds for label, arm in PARITY_ARMS.items()]
     size = "," + arg if arg else ""
     runs = [dict(name=f"sft_s{s}", arg=f"sft,seed={s}{size}", study="sft", label="sft",

@@ -14,13 +14,19 @@ runs are skipped, so rerunning the command continues where it stopped):
   2b. stability with power (issue 13): control/none/TIS/IcePop/KPop, 5 seeds x 300 steps
                        experiments/sweep.py --config=experiments/stability.py:local
                                                                  -> <figures>/stability_v2/<study>
-  4. C3PO++ vs sync vs async, Φ and σ_max sweeps
-                       experiments/sweep.py --config=experiments/c3po.py:local
-                                                                      -> <figures>/c3po/<study>
+  4. C3PO++ reward parity (issue 14): sync vs paced C3PO++, held-out pass@1, TOST at ±0.05
+                       experiments/sweep.py --config=experiments/c3po.py:parity
+                                                               -> <figures>/c3po_parity/parity
+  4b. the same between policies that learn (training-matched held-out set, piloted recipe)
+                       experiments/sweep.py --config=experiments/c3po.py:parity_v2
+                                                         -> <figures>/c3po_parity_v2/parity_v2
+
+(Study 4's first sweeps, ``c3po.py:local`` (issue 7: sync/async/C3PO++ and the Φ, σ_max
+sweeps), are withdrawn and not chained; the config still defines them.)
 
 ``--size=smoke`` runs the same pipeline in minutes for the slow test set: study 1 at its tiny
 size (without the quickstart part), and for studies 2-4 (and 2b) one seed of a few arms at the
-configs' ``smoke`` size (which learn nothing). Each stage is its own process; a failing stage stops
+configs' ``smoke`` size (which learn nothing; study 4 as 4b's ``parity_v2,smoke``). Each stage is its own process; a failing stage stops
 the rest, with its log under <root>/logs/. Timings per stage go to <root>/reproduce_timings.json.
 """
 from __future__ import annotations
@@ -56,10 +62,10 @@ def stages(size: str, root: str, figures: str, python: str = sys.executable
             ("stability", sweep + [f"--config={os.path.join(HERE, 'stability.py')}:local",
                                    f"--root={os.path.join(root, 'stability')}",
                                    f"--figures={os.path.join(figures, 'stability_v2')}"]),
-            ("c3po", sweep + [f"--config={os.path.join(HERE, 'c3po.py')}:local",
-                              f"--root={os.path.join(root, 'c3po')}",
-                              f"--figures={os.path.join(figures, 'c3po')}"]),
-        ]
+        ] + [(f"c3po_{study}", sweep + [f"--config={os.path.join(HERE, 'c3po.py')}:{study}",
+                                         f"--root={os.path.join(root, f'c3po_{study}')}",
+                                         f"--figures={os.path.join(figures, f'c3po_{study}')}"])
+             for study in ("parity", "parity_v2")]
     return [
         ("mismatch_anatomy", [python, os.path.join(HERE, "mismatch_anatomy.py"), "--size=tiny",
                               "--trained_workdir=",
@@ -73,9 +79,9 @@ def stages(size: str, root: str, figures: str, python: str = sys.executable
                                "--seeds=0", "--arms=control,none",
                                f"--root={os.path.join(root, 'stability')}",
                                f"--figures={os.path.join(figures, 'stability_v2')}"]),
-        ("c3po", sweep + [f"--config={os.path.join(HERE, 'c3po.py')}:smoke", "--seeds=0",
-                          "--arms=sync,c3po", f"--root={os.path.join(root, 'c3po')}",
-                          f"--figures={os.path.join(figures, 'c3po')}"]),
+        ("c3po_parity_v2", sweep + [f"--config={os.path.join(HERE, 'c3po.py')}:parity_v2,smoke",
+                                    "--seeds=0", f"--root={os.path.join(root, 'c3po_parity_v2')}",
+                                    f"--figures={os.path.join(figures, 'c3po_parity_v2')}"]),
     ]
 
 
