@@ -80,7 +80,8 @@ def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file, name
     evals = set()
     for r in parity:  # both arms of seed s start from sft_s<s>; one eval set for all
         seed = r["name"].rsplit("_s", 1)[1]
-        assert r["init"] == f"sft_s{seed}" and f"seed={seed}" in sft[r["init"]]["arg"]
+        init = f"sft_s{seed}" if name == "parity" else study.PARITY_V2_SFT  # 4b: one shared
+        assert r["init"] == init and f"seed={init[5:]}" in sft[init]["arg"]
         cfg = experiment.from_config_dict(study.get_config(r["arg"]))
         assert cfg.scheduler.mode == r["label"] and cfg.seed == int(seed)
         evals.add((cfg.eval.num_prompts, cfg.eval.greedy_engine, cfg.eval.every,
