@@ -85,10 +85,10 @@ asks the same question.
   arm, and RL at learning rate ``PARITY_V2["learning_rate"]`` (study 4: 2e-4).
   **Pilot 1** (seed `PARITY_V2_PILOT_SEED` = 100, not a study seed, sync only; its runs are not
   part of the study): SFT 400 steps (study 4's length) reached held-out pass@1 0.139 (sampled
-  T = 1 accuracy 0.048), and sync RL then had almost no reward to learn from (training reward
-  0.03-0.09 per step): pass@1 at step 20 was 0.130 at lr 1e-4 and 0.084 at 2e-4 (study 4's
-  rate) — the study-4 drift again. Hence the longer SFT (its loss was still falling at step
-  400) and no 2e-4. One shared warm start because 5 SFTs of 1000 steps do not fit the session
+  T = 1 accuracy 0.048), and sync RL then had little reward to learn from (training reward
+  0.03-0.09 per step): pass@1 at steps 20/40/60 was 0.130/0.196/0.131 at lr 1e-4 (gain +0.025,
+  unsteady) and 0.084/0.041/0.025 at 2e-4 (study 4's rate; gain −0.11, a collapse). Hence the
+  longer SFT (its loss was still falling at step 400) and no 2e-4. One shared warm start because 5 SFTs of 1000 steps do not fit the session
   on this CPU; the seeds then vary the RL streams (prompt order, sampling), so the verdict is
   about RL noise from this start, not about SFT-to-SFT spread (a qualification, stated).
   **Pilot 2** (RL seed 100 from the study's shared warm start; it sees that start's pass@1,
