@@ -27,7 +27,8 @@ sweeps), are withdrawn and not chained; the config still defines them.)
 ``--size=smoke`` runs the same pipeline in minutes for the slow test set: study 1 at its tiny
 size (without the quickstart part), and for studies 2-4 (and 2b) one seed of a few arms at the
 configs' ``smoke`` size (which learn nothing; study 4 as 4b's ``parity_v2,smoke``). Each
-stage is its own process; a failing stage stops the rest, with its log under <root>/logs/. Timings per stage go to <root>/reproduce_timings.json.
+stage is its own process; a failing stage stops the rest, with its log under <root>/logs/.
+Timings per stage go to <root>/reproduce_timings.json.
 """
 from __future__ import annotations
 
