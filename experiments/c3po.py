@@ -272,8 +272,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.rl.optim.learning_rate = PARITY_V2["learning_rate"]
         c.eval.update(every=PARITY_V2["eval_every"], num_prompts=PARITY_EVAL_PROMPTS,
                       num_samples=1)
-    if "lr" in values:  # pilots only: the RL learning rate
-        c.rl.optim.learning_rate = float(values["lr"])
+    if "lr" in values:  # pilots only: the RL learning rate (its range is checked at load)
+        try:
+            c.rl.optim.learning_rate = float(values["lr"])
+        except ValueError:
+            raise ValueError(f"arg lr={values['lr']!r} is invalid: it sets "
+                             "rl.optim.learning_rate and must be a number, e.g. lr=1e-4") from None
     # sweep.py points init_from at the seed's SFT workdir (and sets sft.num_steps=0).
     if "smoke" in flags:
         common.shrink_to_smoke(c, token_budget=min(c.scheduler.token_budget, 128),

@@ -90,6 +90,10 @@ def test_parity_study_pairs_sync_and_paced_on_one_eval_set(experiment_file, name
     assert evals == {(study.PARITY_EVAL_PROMPTS, "float32", 20, 60, learning_rate,
                       tuple(sorted(task_kwargs.items())))}
     assert study.PARITY_V2_PILOT_SEED not in study.PARITY_V2_SEEDS
+    pilot = experiment.from_config_dict(study.get_config(f"mode=sync,{name},lr=5e-5"))
+    assert pilot.rl.optim.learning_rate == 5e-5
+    with pytest.raises(ValueError, match="lr='fast' is invalid.*rl.optim.learning_rate"):
+        study.get_config(f"mode=sync,{name},lr=fast")
 
 
 def test_parity_v2_eval_set_keeps_the_training_size_mix(experiment_file):
