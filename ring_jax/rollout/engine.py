@@ -42,6 +42,7 @@ import math
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,7 @@ from ring_jax import config as config_lib
 from ring_jax import model as model_lib
 from ring_jax import sharding as sharding_lib
 from ring_jax.rollout import device_step
+from ring_jax.rollout import layout as layout_lib
 from ring_jax.rollout import precision as precision_lib
 from ring_jax.rollout import weight_sync
 from ring_jax.rollout.precision import InferencePrecision
@@ -578,9 +580,17 @@ def model_functions(model_cfg: Any, config: EngineConfig,
     module = model_lib.Transformer(cfg)
     record = config.record_expert_ids and cfg.is_moe
 
+    # With a mesh the forward traces under the engine's own rules (`layout`): slots and the
+    # cache length split over the batch axes, as the slot state is laid out.
+    rules = None
+    if mesh is not None:
+        rules = layout_lib.engine_layout(mesh, config.num_slots, config.max_len).rules()
+
     def forward(variables, tokens_BT, positions_BT, cache):
-        logits_BTV, aux, cache = module.apply(variables, tokens_BT, positions_BT=positions_BT,
-                                              cache=cache, return_expert_ids=record)
+        with contextlib.nullcontext() if rules is None else nn.logical_axis_rules(rules):
+            logits_BTV, aux, cache = module.apply(variables, tokens_BT,
+                                                  positions_BT=positions_BT, cache=cache,
+                                                  return_expert_ids=record)
         return logits_BTV, aux["expert_ids"] if record else None, cache
 
     def init_cache(batch, max_len):
@@ -595,7 +605,7 @@ def model_functions(model_cfg: Any, config: EngineConfig,
             tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
             weight_sharding = sharding_lib.param_shardings(
                 mesh, sharding_lib.param_logical_axes(module, tokens))
-            state_sharding = _slot_state_sharding(mesh, cfg, config)
+            state_sharding = _slot_state_sharding(mesh, cfg, rules)
     return ModelFunctions(forward, init_cache, prepare, cfg.vocab_size, weight_sharding,
                           state_sharding)
 
@@ -621,15 +631,12 @@ def jit_programs(fns: device_step.StepFns, state_sharding: Any = None) -> tuple[
             jax.jit(fns.decode, donate_argnums=1, **state_kw))
 
 
-def _slot_state_sharding(mesh, cfg, config: EngineConfig) -> device_step.SlotState:
-    """Slots (and their cache rows) split over the mesh's batch axes; the rest replicated."""
-    batch_axes = sharding_lib.batch_mesh_axes(mesh, config.num_slots) or None
-    cache = jax.tree.map(
-        lambda axes: NamedSharding(mesh, P(batch_axes, *sharding_lib.spec_for(axes, mesh)[1:])),
-        model_lib.cache_logical_axes(cfg),
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
-                                                       for a in x))
-    row, rows2 = NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(batch_axes, None))
+def _slot_state_sharding(mesh, cfg, rules) -> device_step.SlotState:
+    """Slots (and their cache rows) split over the engine layout's slot axes, the cache's length
+    over its cache axes (`layout.EngineLayout`); the rest replicated."""
+    cache = sharding_lib.param_shardings(mesh, model_lib.cache_logical_axes(cfg), rules)
+    slot_axes = sharding_lib.spec_for(("act_batch",), mesh, rules)[0]
+    row, rows2 = NamedSharding(mesh, P(slot_axes)), NamedSharding(mesh, P(slot_axes, None))
     return device_step.SlotState(
         cache=cache, last_token_B=row, pos_B=row, num_generated_B=row, active_B=row,
         rows=device_step.SamplingRows(seed_B=row, temperature_B=row, top_k_B=row, top_p_B=row,
