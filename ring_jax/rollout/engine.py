@@ -89,6 +89,12 @@ class EngineConfig:
     # re-prefilled under the new ones. Cheaper continuation; adds a mismatch (the new weights
     # attend over old keys/values) that BENCHMARKS.md measures. Off: exact recompute.
     stale_kv: bool = False
+    # Chunked prefill: a prefill whose length bucket exceeds this many tokens runs its prompts
+    # through the model this many tokens at a time (a loop inside the one prefill program,
+    # `device_step.StepFns._prefill_forward`), bounding the activations to [rows, chunk]. The
+    # lever for long prompts on a pod: a prefill's rows are split over the devices, so each
+    # holds whole prompts whatever the row count. 0: whole prompts in one forward.
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         config_lib.check_int("num_slots", self.num_slots, min_value=1)
@@ -102,6 +108,8 @@ class EngineConfig:
                              max_value=self.num_slots)
         config_lib.check_one_of("warmup_buckets", self.warmup_buckets, (False, True))
         config_lib.check_one_of("stale_kv", self.stale_kv, (False, True))
+        config_lib.check_int("prefill_chunk", self.prefill_chunk, min_value=0,
+                             max_value=self.max_len)
 
     def prefill_buckets(self) -> list[tuple[int, int]]:
         """Every (rows, length) shape the prefill program can be called with."""
@@ -615,7 +623,8 @@ def step_fns(forward: Any, init_cache: Any, config: EngineConfig) -> device_step
     return device_step.StepFns(
         forward=forward, init_cache=lambda b: init_cache(b, config.max_len),
         num_slots=config.num_slots, max_len=config.max_len,
-        max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk)
+        max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk,
+        prefill_chunk=config.prefill_chunk)
 
 
 def jit_programs(fns: device_step.StepFns, state_sharding: Any = None) -> tuple[Any, Any]:
