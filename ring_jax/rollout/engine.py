@@ -5,7 +5,8 @@ Host loop around the two jitted programs of `device_step`:
   * ``add(requests)`` validates and queues requests (new, or resumed with tokens generated under
     earlier policy versions);
   * ``step(token_budget)`` repeatedly (1) prefills waiting requests into free slots (prompt +
-    already generated tokens, under the current weights; this samples each one's next token),
+    already generated tokens, under the current weights; this samples each one's next token;
+    ``prefill_chunk`` runs long prompts through the model a chunk at a time),
     then (2) runs up to ``decode_chunk`` decode steps over all slots in one device program,
     moving back only the sampled tokens, log-probs and (if recorded) expert ids. The decode
     program returns early once ``refill_min_rows`` slots are free while requests wait, so the
@@ -352,8 +353,9 @@ class Engine:
         which other tokens share its batch. (On CPU the capacity paths are ~8× faster at
         decode batch sizes than ragged_dot.)
         ``variables`` are trainer variables, converted by `precision.prepare_variables`. With a
-        ``mesh`` (`ring_jax.sharding.make_mesh`), slots are split over the batch mesh axes and
-        weights laid out by the logical-axis rules (experts over ``expert``). ``detokenize``
+        ``mesh`` (`ring_jax.sharding.make_mesh`), weights are laid out by the logical-axis rules
+        (experts over ``expert``), the slots over the batch mesh axes that divide their count
+        and the KV cache's length over the batch axes left (`layout`). ``detokenize``
         enables stop strings (`Engine`).
         """
         m = model_functions(model_cfg, config, precision, moe_impl=moe_impl, mesh=mesh)

@@ -1,6 +1,6 @@
 """The engine's KV cache split over the mesh axes its slots cannot use (`rollout.layout`): the
 cache really is split along its length, the decode moves no whole-length cache between devices,
-and the rollouts equal one device's token for token (fp32)."""
+and the rollouts (prefilled in chunks) equal one device's (unchunked) token for token (fp32)."""
 import dataclasses
 import re
 
@@ -21,9 +21,10 @@ _COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-to-all|all-reduce|reduce-scat
                          r"collective-permute)(-start)?\(")
 
 
-def _config(num_slots):
+def _config(num_slots, prefill_chunk=0):
     return EngineConfig(num_slots=num_slots, max_len=MAX_LEN, decode_chunk=4,
-                        record_expert_ids=True, min_prefill_len=MAX_LEN)
+                        record_expert_ids=True, min_prefill_len=MAX_LEN,
+                        prefill_chunk=prefill_chunk)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_cache_length_split_and_rollouts_equal_one_device(setup, fsdp, expert, n
                                                           shard):
     cfg, variables, requests, want = setup
     mesh = sharding.make_mesh(fsdp=fsdp, expert=expert)
-    engine = Engine.from_model(cfg, variables, _config(num_slots),
+    # Chunked prefill (16 of the 48 positions at a time) writes into the split cache too.
+    engine = Engine.from_model(cfg, variables, _config(num_slots, prefill_chunk=16),
                                InferencePrecision("float32"), mesh=mesh)
     k = engine._state.cache[0]["k"]  # the engine's slot state: [slots, kv heads, length, Q]
     assert k.sharding.spec == spec
