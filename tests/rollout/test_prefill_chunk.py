@@ -3,7 +3,6 @@ inside the prefill program; the rollouts equal the full-recompute reference (flo
 token-exact), and the program's temporaries shrink with the chunk."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ring_jax.config import ConfigError
