@@ -52,6 +52,7 @@ def main(argv):
     del argv
     from ring_jax import plan
     from ring_jax.plan import hardware, placement, programs, report
+    from ring_jax.rollout import layout
     from ring_jax.train import experiment
     try:
         cfg = experiment.from_config_dict(_CONFIG.value)
@@ -89,6 +90,9 @@ def main(argv):
           f"moe_impl={cfg.model.moe_impl}, engine_moe_impl={cfg.engine_moe_impl}; batch "
           f"{cfg.scheduler.batch_size} x {cfg.scheduler.max_seq_len}; engine "
           f"{cfg.engine.num_slots} slots x {cfg.engine.max_len}")
+    engine_layout = layout.engine_layout(engine_mesh, cfg.engine.num_slots, cfg.engine.max_len)
+    print(f"engine layout (`rollout.layout`): slots over {engine_layout.slot_axes}, KV-cache "
+          f"length over {engine_layout.cache_len_axes}")
     print("per-device GiB: peak = argument + output - alias + temp + code")
     print(report.format_table(reports, hbm, _HEADROOM.value))
     by_name = dict(zip(names, reports))

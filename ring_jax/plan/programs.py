@@ -9,7 +9,8 @@ arrays have, so lowering them compiles the run's program without allocating anyt
               router bias) on one scheduler batch [scheduler.batch_size, scheduler.max_seq_len]
     logprob   the step's forward alone: log π_train of one batch (no gradient)
     prefill   the engine's prefill at its largest bucket: engine.num_slots prompts of
-              engine.max_len tokens into the slots
+              engine.max_len tokens into the slots (engine.prefill_chunk tokens at a time
+              when set: chunked prefill)
     decode    the engine's decode program: up to engine.decode_chunk steps over all slots
 
 The engine programs compile on ``meshes.engine``: the training mesh by default (one process,

@@ -62,6 +62,7 @@ class StepFns:
     max_len: int
     max_stop_tokens: int
     decode_chunk: int
+    prefill_chunk: int = 0  # tokens per row per forward of a prefill; 0: the whole bucket
 
     def empty_state(self) -> SlotState:
         B = self.num_slots
@@ -106,20 +107,12 @@ class StepFns:
         state and, per row, the first sampled token, its log-prob, expert ids [L, N, K] (or
         None) and finish code.
         """
-        N, T = tokens_NT.shape
-        t_T = jnp.arange(T, dtype=jnp.int32)
-        positions_NT = jnp.where(t_T[None, :] < length_N[:, None], t_T[None, :], -1)
-        logits_NTV, expert_ids_LNTK, cache_N = self.forward(
-            variables, tokens_NT, positions_NT, self.init_cache(N))
         last_N = length_N - 1
-        logits_NV = jnp.take_along_axis(logits_NTV, last_N[:, None, None], axis=1)[:, 0]
+        logits_NV, expert_ids_LNK, cache_N = self._prefill_forward(variables, tokens_NT,
+                                                                   length_N)
         active_N = slot_N < self.num_slots
         token_N, logprob_N, finish_N = self._sample_and_finish(
             logits_NV, rows_N, num_generated_N, last_N, active_N)
-        expert_ids_LNK = None
-        if expert_ids_LNTK is not None:
-            expert_ids_LNK = jnp.take_along_axis(
-                expert_ids_LNTK, last_N[None, :, None, None], axis=2)[:, :, 0]
 
         def insert(full, part):
             return full.at[slot_N].set(part.astype(full.dtype), mode="drop")
@@ -132,6 +125,61 @@ class StepFns:
             active_B=insert(state.active_B, finish_N == FINISH_NONE),
             rows=jax.tree.map(insert, state.rows, rows_N))
         return state, (token_N, logprob_N, expert_ids_LNK, finish_N)
+
+    def _forward_chunk(self, variables, tokens_NC, start, length_N, cache_N):
+        """The forward of tokens [start, start + C) of each row into the rows' cache; returns
+        the logits and expert ids [L, N, K] at each row's last token if it falls in this chunk
+        (else at the chunk's nearest end) and the cache."""
+        C = tokens_NC.shape[1]
+        t_NC = start + jnp.arange(C, dtype=jnp.int32)[None, :]
+        positions_NC = jnp.where(t_NC < length_N[:, None], t_NC, -1)  # -1: padding, no write
+        logits_NCV, expert_ids_LNCK, cache_N = self.forward(variables, tokens_NC, positions_NC,
+                                                            cache_N)
+        at_N = jnp.clip(length_N - 1 - start, 0, C - 1)
+        logits_NV = jnp.take_along_axis(logits_NCV, at_N[:, None, None], axis=1)[:, 0]
+        expert_ids_LNK = None
+        if expert_ids_LNCK is not None:
+            expert_ids_LNK = jnp.take_along_axis(
+                expert_ids_LNCK, at_N[None, :, None, None], axis=2)[:, :, 0]
+        return logits_NV, expert_ids_LNK, cache_N
+
+    def _prefill_forward(self, variables, tokens_NT, length_N):
+        """Logits and expert ids [L, N, K] at each row's last token, and the N rows' cache.
+
+        With ``prefill_chunk`` = C < T (chunked prefill), the T tokens go through the model C at a
+        time in a loop, each chunk writing its keys/values into the rows' cache and attending
+        over the chunks before it there (the cached forward's mask: position p sees slots
+        ≤ p), so the activations exist for [N, C] tokens at a time instead of [N, T]; the loop
+        stops after the chunk holding the longest row's last token. Each query attends over the
+        same keys as in one whole-prompt forward: the same computation up to float summation
+        order.
+        """
+        N, T = tokens_NT.shape
+        cache_N = self.init_cache(N)
+        C = self.prefill_chunk
+        if not 0 < C < T:
+            return self._forward_chunk(variables, tokens_NT, 0, length_N, cache_N)
+        num_chunks = -(-T // C)
+        tokens_NT = jnp.pad(tokens_NT, ((0, 0), (0, num_chunks * C - T)))
+        last_N = length_N - 1
+        chunk_fn = lambda start, cache: self._forward_chunk(
+            variables, jax.lax.dynamic_slice_in_dim(tokens_NT, start, C, axis=1), start,
+            length_N, cache)
+        logits_NV, expert_ids_LNK, _ = jax.eval_shape(chunk_fn, 0, cache_N)
+
+        def body(c, carry):
+            logits_NV, expert_ids_LNK, cache_N = carry
+            new_logits_NV, new_expert_ids_LNK, cache_N = chunk_fn(c * C, cache_N)
+            here_N = last_N // C == c  # the row's last token is in this chunk
+            logits_NV = jnp.where(here_N[:, None], new_logits_NV, logits_NV)
+            if expert_ids_LNK is not None:
+                expert_ids_LNK = jnp.where(here_N[None, :, None], new_expert_ids_LNK,
+                                           expert_ids_LNK)
+            return logits_NV, expert_ids_LNK, cache_N
+
+        zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
+        return jax.lax.fori_loop(0, jnp.max(last_N) // C + 1, body,
+                                 (zeros(logits_NV), zeros(expert_ids_LNK), cache_N))
 
     def decode(self, variables, state: SlotState, num_steps, refill_at):
         """Up to ``num_steps`` (≤ decode_chunk) decode steps over all slots in one program.

@@ -5,7 +5,8 @@ Host loop around the two jitted programs of `device_step`:
   * ``add(requests)`` validates and queues requests (new, or resumed with tokens generated under
     earlier policy versions);
   * ``step(token_budget)`` repeatedly (1) prefills waiting requests into free slots (prompt +
-    already generated tokens, under the current weights; this samples each one's next token),
+    already generated tokens, under the current weights; this samples each one's next token;
+    ``prefill_chunk`` runs long prompts through the model a chunk at a time),
     then (2) runs up to ``decode_chunk`` decode steps over all slots in one device program,
     moving back only the sampled tokens, log-probs and (if recorded) expert ids. The decode
     program returns early once ``refill_min_rows`` slots are free while requests wait, so the
@@ -42,6 +43,7 @@ import math
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,7 @@ from ring_jax import config as config_lib
 from ring_jax import model as model_lib
 from ring_jax import sharding as sharding_lib
 from ring_jax.rollout import device_step
+from ring_jax.rollout import layout as layout_lib
 from ring_jax.rollout import precision as precision_lib
 from ring_jax.rollout import weight_sync
 from ring_jax.rollout.precision import InferencePrecision
@@ -87,6 +90,12 @@ class EngineConfig:
     # re-prefilled under the new ones. Cheaper continuation; adds a mismatch (the new weights
     # attend over old keys/values) that BENCHMARKS.md measures. Off: exact recompute.
     stale_kv: bool = False
+    # Chunked prefill: a prefill whose length bucket exceeds this many tokens runs its prompts
+    # through the model this many tokens at a time (a loop inside the one prefill program,
+    # `device_step.StepFns._prefill_forward`), bounding the activations to [rows, chunk]. The
+    # lever for long prompts on a pod: a prefill's rows are split over the devices, so each
+    # holds whole prompts whatever the row count. 0: whole prompts in one forward.
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         config_lib.check_int("num_slots", self.num_slots, min_value=1)
@@ -100,6 +109,8 @@ class EngineConfig:
                              max_value=self.num_slots)
         config_lib.check_one_of("warmup_buckets", self.warmup_buckets, (False, True))
         config_lib.check_one_of("stale_kv", self.stale_kv, (False, True))
+        config_lib.check_int("prefill_chunk", self.prefill_chunk, min_value=0,
+                             max_value=self.max_len)
 
     def prefill_buckets(self) -> list[tuple[int, int]]:
         """Every (rows, length) shape the prefill program can be called with."""
@@ -342,8 +353,9 @@ class Engine:
         which other tokens share its batch. (On CPU the capacity paths are ~8× faster at
         decode batch sizes than ragged_dot.)
         ``variables`` are trainer variables, converted by `precision.prepare_variables`. With a
-        ``mesh`` (`ring_jax.sharding.make_mesh`), slots are split over the batch mesh axes and
-        weights laid out by the logical-axis rules (experts over ``expert``). ``detokenize``
+        ``mesh`` (`ring_jax.sharding.make_mesh`), weights are laid out by the logical-axis rules
+        (experts over ``expert``), the slots over the batch mesh axes that divide their count
+        and the KV cache's length over the batch axes left (`layout`). ``detokenize``
         enables stop strings (`Engine`).
         """
         m = model_functions(model_cfg, config, precision, moe_impl=moe_impl, mesh=mesh)
@@ -578,9 +590,17 @@ def model_functions(model_cfg: Any, config: EngineConfig,
     module = model_lib.Transformer(cfg)
     record = config.record_expert_ids and cfg.is_moe
 
+    # With a mesh the forward traces under the engine's own rules (`layout`): slots and the
+    # cache length split over the batch axes, as the slot state is laid out.
+    rules = None
+    if mesh is not None:
+        rules = layout_lib.engine_layout(mesh, config.num_slots, config.max_len).rules()
+
     def forward(variables, tokens_BT, positions_BT, cache):
-        logits_BTV, aux, cache = module.apply(variables, tokens_BT, positions_BT=positions_BT,
-                                              cache=cache, return_expert_ids=record)
+        with contextlib.nullcontext() if rules is None else nn.logical_axis_rules(rules):
+            logits_BTV, aux, cache = module.apply(variables, tokens_BT,
+                                                  positions_BT=positions_BT, cache=cache,
+                                                  return_expert_ids=record)
         return logits_BTV, aux["expert_ids"] if record else None, cache
 
     def init_cache(batch, max_len):
@@ -595,7 +615,7 @@ def model_functions(model_cfg: Any, config: EngineConfig,
             tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
             weight_sharding = sharding_lib.param_shardings(
                 mesh, sharding_lib.param_logical_axes(module, tokens))
-            state_sharding = _slot_state_sharding(mesh, cfg, config)
+            state_sharding = _slot_state_sharding(mesh, cfg, rules)
     return ModelFunctions(forward, init_cache, prepare, cfg.vocab_size, weight_sharding,
                           state_sharding)
 
@@ -605,7 +625,8 @@ def step_fns(forward: Any, init_cache: Any, config: EngineConfig) -> device_step
     return device_step.StepFns(
         forward=forward, init_cache=lambda b: init_cache(b, config.max_len),
         num_slots=config.num_slots, max_len=config.max_len,
-        max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk)
+        max_stop_tokens=config.max_stop_tokens, decode_chunk=config.decode_chunk,
+        prefill_chunk=config.prefill_chunk)
 
 
 def jit_programs(fns: device_step.StepFns, state_sharding: Any = None) -> tuple[Any, Any]:
@@ -621,15 +642,12 @@ def jit_programs(fns: device_step.StepFns, state_sharding: Any = None) -> tuple[
             jax.jit(fns.decode, donate_argnums=1, **state_kw))
 
 
-def _slot_state_sharding(mesh, cfg, config: EngineConfig) -> device_step.SlotState:
-    """Slots (and their cache rows) split over the mesh's batch axes; the rest replicated."""
-    batch_axes = sharding_lib.batch_mesh_axes(mesh, config.num_slots) or None
-    cache = jax.tree.map(
-        lambda axes: NamedSharding(mesh, P(batch_axes, *sharding_lib.spec_for(axes, mesh)[1:])),
-        model_lib.cache_logical_axes(cfg),
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
-                                                       for a in x))
-    row, rows2 = NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(batch_axes, None))
+def _slot_state_sharding(mesh, cfg, rules) -> device_step.SlotState:
+    """Slots (and their cache rows) split over the engine layout's slot axes, the cache's length
+    over its cache axes (`layout.EngineLayout`); the rest replicated."""
+    cache = sharding_lib.param_shardings(mesh, model_lib.cache_logical_axes(cfg), rules)
+    slot_axes = sharding_lib.spec_for(("act_batch",), mesh, rules)[0]
+    row, rows2 = NamedSharding(mesh, P(slot_axes)), NamedSharding(mesh, P(slot_axes, None))
     return device_step.SlotState(
         cache=cache, last_token_B=row, pos_B=row, num_generated_B=row, active_B=row,
         rows=device_step.SamplingRows(seed_B=row, temperature_B=row, top_k_B=row, top_p_B=row,

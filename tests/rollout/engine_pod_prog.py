@@ -7,7 +7,11 @@ takes them through the on-device weight sync, generates a fixed request set with
 cut + drain + resume, installs a second policy version mid-flight and finishes. Every process
 writes what its engine returned to OUT_DIR/process_<i>.npz.
 
-Usage: python -m engine_pod_prog OUT_DIR (with this folder on PYTHONPATH).
+With NUM_SLOTS (default 8) = 4 the slots split over expert only and the KV cache's length over
+data (`rollout.layout`), the axis that spans the two processes: each host holds half of every
+slot's keys and values, and the decode attention's softmax sums across hosts.
+
+Usage: python -m engine_pod_prog OUT_DIR [NUM_SLOTS] (with this folder on PYTHONPATH).
 """
 import dataclasses
 import os
@@ -45,7 +49,7 @@ def requests() -> list[Request]:
             for i in range(11)]
 
 
-def main(out_dir: str) -> int:
+def main(out_dir: str, num_slots: int = 8) -> int:
     assert jax.device_count() == 8, jax.devices()
     cfg = dataclasses.replace(presets.get("tiny"), moe_impl="ragged")
     model = Transformer(cfg)
@@ -60,7 +64,8 @@ def main(out_dir: str) -> int:
             lambda w: w * 1.05 if jnp.issubdtype(w.dtype, jnp.floating) else w, v),
             out_shardings=shardings)(variables)
     engine_mesh = multihost.engine_mesh(train_mesh, ENGINE_MESH)
-    engine = Engine.from_model(cfg, multihost.to_engine(variables, ENGINE_MESH), CONFIG,
+    engine = Engine.from_model(cfg, multihost.to_engine(variables, ENGINE_MESH),
+                               dataclasses.replace(CONFIG, num_slots=num_slots),
                                InferencePrecision("float32"), mesh=engine_mesh)
     w_up = engine.variables["params"]["layers_1"]["moe"]["up"]
     assert w_up.sharding.spec[0] == "expert" and not w_up.is_fully_addressable or \
@@ -79,13 +84,14 @@ def main(out_dir: str) -> int:
         out[f"{r.request_id}/versions"] = np.asarray(r.versions)
         out[f"{r.request_id}/expert_ids"] = np.asarray(r.expert_ids)
     out["mesh"] = np.asarray([engine_mesh.shape[a] for a in sharding.MESH_AXES])
+    out["cache_spec"] = np.asarray(str(engine._state.cache[0]["k"].sharding.spec))
     np.savez(os.path.join(out_dir, f"process_{jax.process_index()}.npz"), **out)
     print(f"process {jax.process_index()} engine pod OK: {len(finished)} requests", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1])
+    code = main(sys.argv[1], *map(int, sys.argv[2:]))
     distributed.sync("engine_pod_prog_done")
     if jax.process_count() > 1:
         jax.distributed.shutdown()

@@ -29,23 +29,31 @@ def _env(**extra):
 
 
 @pytest.mark.slow
-def test_two_process_global_engine_matches_one_process_with_eight_devices(tmp_path):
+@pytest.mark.parametrize("num_slots, cache_spec", [
+    (8, "P(('data', 'fsdp', 'expert'), 'tensor', None, None)"),
+    # 4 slots: over expert; the cache's length over data, the axis between the two processes.
+    (4, "P(('fsdp', 'expert'), 'tensor', 'data', None)"),
+])
+def test_two_process_global_engine_matches_one_process_with_eight_devices(tmp_path, num_slots,
+                                                                          cache_spec):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "engine_pod_prog", str(one)], cwd=ROOT, capture_output=True,
+        [sys.executable, "-m", "engine_pod_prog", str(one), str(num_slots)], cwd=ROOT,
+        capture_output=True,
         text=True, timeout=900,
         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         ["bash", os.path.join(ROOT, "launch", "multiprocess_localhost.sh"), "-n", "2", "-d", "4",
-         "--", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+         "--", str(two), str(num_slots)], cwd=ROOT, capture_output=True, text=True, timeout=900,
         env=_env(PYTHON=sys.executable, RING_JAX_MODULE="engine_pod_prog",
                  LOGDIR=str(tmp_path / "logs")))
     logs = [open(tmp_path / "logs" / f"process_{i}.log").read()[-2000:] for i in range(2)]
     assert proc.returncode == 0, proc.stderr[-3000:] + "\n".join(logs)
     want = np.load(one / "process_0.npz")
     assert list(want["mesh"]) == [2, 1, 4, 1]  # (data, fsdp, expert, tensor)
+    assert str(want["cache_spec"]) == cache_spec
     assert len([k for k in want if k.endswith("/tokens")]) == 11
     # Both policy versions were used (the sync happened mid-flight).
     versions = np.concatenate([want[k] for k in want if k.endswith("/versions")])
