@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from ring_jax.config import ConfigError
-from ring_jax.plan import check_depth, hardware, report
+from ring_jax.plan import check_depth, dump_options, hardware, report
 from ring_jax.model import presets
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.train import experiment
@@ -80,6 +80,12 @@ def test_depth_must_keep_a_moe_layer():
     check_depth(cfg, 2)
     with pytest.raises(ConfigError, match="num_layers=1 is invalid: must be >= 2"):
         check_depth(cfg, 1)
+
+
+def test_dump_goes_to_one_folder_per_program_and_depth():
+    assert dump_options(None, "rl_step", 2) is None and dump_options("", "rl_step", 2) is None
+    assert dump_options("/d", "rl_step", 2) == {"xla_dump_to": "/d/rl_step_L2"}
+    assert dump_options("/d", "rl_step", 3) != dump_options("/d", "rl_step", 2)
 
 
 def test_missing_libtpu_says_how_to_install(monkeypatch):
