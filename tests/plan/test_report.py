@@ -42,6 +42,11 @@ def test_extrapolation_is_the_line_through_two_depths():
     assert full.compile_s == 3.0
     assert full.temp_per_layer == 1 * GiB
     assert "| 20 (fit of 2, 3; temp +1 per layer) |" in report.format_table([full], 95 * GiB)
+    # A layer never frees memory: a deeper compile with fewer temporaries (XLA's heap packing)
+    # keeps the depth-N figure; extrapolating the dip would give 4 - 18 = -14 GiB at depth 20.
+    dip = report.extrapolate(shallow, _report(3, argument=13 * GiB, temp=3 * GiB), 20)
+    assert dip.temp == 4 * GiB and dip.temp_per_layer == -1 * GiB
+    assert "temp -1 per layer, taken as 0) |" in report.format_table([dip], 95 * GiB)
     # A slope from non-consecutive depths would be off by their distance.
     with pytest.raises(ValueError, match="N and N \\+ 1"):
         report.extrapolate(shallow, _report(4, 16 * GiB, 6 * GiB), 20)
