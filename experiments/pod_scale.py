@@ -16,7 +16,9 @@ rematerialised (``model.remat_policy=full``: the backward keeps one block input 
 attention 512 queries at a time (``model.attention_chunk``: float32 scores [512, T], never
 [T, T]) and the ragged expert dispatch over chunks of the local tokens
 (``model.moe_token_chunk``: its all-gathered, K-times repeated [P·chunk·K, D] buffers for one
-chunk at a time; 256 for Ling-1T, whose D = 8192 doubles them). All three are exact. The model
+chunk at a time; 64 for Ling-1T, whose D = 8192 doubles them and whose 80 layers multiply what
+XLA keeps of them per layer). All three are exact. With them Ling-flash's RL step fits a v5p-512
+(35.3 GiB per chip); Ling-1T's was not yet shown to (BUILD.md). The model
 presets themselves keep the CPU defaults (none of the three), and ``tiny``/``small`` get none here
 either (`--config.model.*` adds them).
 """
@@ -27,7 +29,7 @@ from ring_jax.train.experiment import complete, model_section, parse_config_arg
 PRESETS = ("tiny", "small", "ling_mini_2", "ling_flash_2", "ling_1t")
 _LEVERS = dict(remat_policy="full", attention_chunk=512, moe_token_chunk=512)
 POD_LEVERS = {"ling_mini_2": _LEVERS, "ling_flash_2": _LEVERS,
-              "ling_1t": {**_LEVERS, "moe_token_chunk": 256}}
+              "ling_1t": {**_LEVERS, "moe_token_chunk": 64}}
 POD_BATCH = {"ling_flash_2": 512, "ling_1t": 512}  # default rows per RL step (else 64)
 
 
