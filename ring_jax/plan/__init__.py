@@ -12,12 +12,18 @@ chip's HBM, FLOPs and bytes from the cost analysis, and the compile time (`repor
 
 ``num_layers`` compiles shallower copies (depths N and N + 1) and extrapolates linearly to the
 model's depth (`report.extrapolate`), which keeps big presets' compiles to minutes.
+``dump_dir`` keeps XLA's own account of each compile (``xla_dump_to``: the optimized HLO, the
+buffer assignment and ``*memory-usage-report.txt``, the buffers live at the peak, largest
+first), one folder per program and depth: what to read when a program does not fit.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
+
+from absl import logging
 
 from ring_jax import sharding
 from ring_jax.plan import hardware, programs, report
@@ -29,28 +35,42 @@ def with_depth(cfg: Any, num_layers: int) -> Any:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=num_layers))
 
 
-def compile_program(name: str, cfg: Any, meshes: programs.Meshes) -> ProgramReport:
-    """Lowers and compiles one registered program; reads its memory and cost."""
+def dump_options(dump_dir: str | None, name: str, num_layers: int) -> dict[str, Any] | None:
+    """XLA compiler options that dump this compile to ``dump_dir/<name>_L<num_layers>``."""
+    if not dump_dir:
+        return None
+    return {"xla_dump_to": os.path.join(dump_dir, f"{name}_L{num_layers}")}
+
+
+def compile_program(name: str, cfg: Any, meshes: programs.Meshes,
+                    dump_dir: str | None = None) -> ProgramReport:
+    """Lowers and compiles one registered program; reads its memory and cost (and, with
+    ``dump_dir``, leaves XLA's dump of the compile there: `dump_options`)."""
     program = programs.PROGRAMS[name](cfg, meshes)
+    depth = cfg.model.num_layers
     start = time.perf_counter()
     with sharding.use_mesh(program.mesh):
-        compiled = program.fn.lower(*program.args).compile()
-    return report.from_compiled(name, cfg.model.num_layers, compiled,
-                                time.perf_counter() - start)
+        compiled = program.fn.lower(*program.args).compile(
+            compiler_options=dump_options(dump_dir, name, depth))
+    out = report.from_compiled(name, depth, compiled, time.perf_counter() - start)
+    logging.info("compiled %s at %d layers in %.0f s: argument %.3g, temp %.3g, peak %.3g GiB",
+                 name, depth, out.compile_s, out.argument / report.GiB, out.temp / report.GiB,
+                 out.peak / report.GiB)
+    return out
 
 
 def plan(cfg: Any, meshes: programs.Meshes, names: Sequence[str],
-         num_layers: int | None = None) -> list[ProgramReport]:
+         num_layers: int | None = None, dump_dir: str | None = None) -> list[ProgramReport]:
     """One report per program; with ``num_layers`` < the model's depth, extrapolated from
     compiles at depths ``num_layers`` and ``num_layers + 1``."""
     full = cfg.model.num_layers
     out = []
     for name in names:
         if num_layers is None or num_layers >= full:
-            out.append(compile_program(name, cfg, meshes))
+            out.append(compile_program(name, cfg, meshes, dump_dir))
             continue
-        shallow = compile_program(name, with_depth(cfg, num_layers), meshes)
-        deeper = compile_program(name, with_depth(cfg, num_layers + 1), meshes)
+        shallow = compile_program(name, with_depth(cfg, num_layers), meshes, dump_dir)
+        deeper = compile_program(name, with_depth(cfg, num_layers + 1), meshes, dump_dir)
         out.append(report.extrapolate(shallow, deeper, full))
     return out
 
@@ -66,5 +86,5 @@ def check_depth(cfg: Any, num_layers: int) -> None:
                           "layer, so the depth extrapolation adds MoE layers only)")
 
 
-__all__ = ["plan", "compile_program", "check_depth", "with_depth", "hardware", "programs",
-           "report", "ProgramReport"]
+__all__ = ["plan", "compile_program", "check_depth", "with_depth", "dump_options", "hardware",
+           "programs", "report", "ProgramReport"]

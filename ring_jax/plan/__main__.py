@@ -15,6 +15,8 @@ Compiles the experiment's programs ahead of time for the TPU topology and prints
   --num_layers       compile depths N and N + 1 and extrapolate to the model's depth
   --allow_split_physical_axes   accept mesh axes that split the physical torus (or the
                      config's mesh.allow_split_physical_axes)
+  --dump_dir         keep XLA's dump of every compile under DIR/<program>_L<depth> (optimized
+                     HLO, buffer assignment, *memory-usage-report.txt: the buffers at the peak)
   --headroom         fraction of HBM a program may use to count as fitting (default 0.95)
   --config.a.b=v     any config override, as for ring_jax.main
 """
@@ -45,6 +47,7 @@ _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Compile this depth and o
 _SPLIT = flags.DEFINE_bool("allow_split_physical_axes", False,
                            "Accept mesh axes that split physical torus axes.")
 _HEADROOM = flags.DEFINE_float("headroom", 0.95, "Fraction of HBM a program may use.")
+_DUMP_DIR = flags.DEFINE_string("dump_dir", None, "Keep XLA's dump of each compile here.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -82,7 +85,7 @@ def main(argv):
     except (ConfigError, ImportError) as e:
         sys.exit(f"ring_jax.plan: {e}")
     reports = plan.plan(cfg, programs.Meshes(train_mesh, engine_mesh), names,
-                        _NUM_LAYERS.value)
+                        _NUM_LAYERS.value, _DUMP_DIR.value)
     hbm = topology.hbm_per_device
     print(f"topology {topology.name} ({len(topology.devices)} devices, "
           f"{hbm / report.GiB:.0f} GiB HBM each); training mesh {dict(train_mesh.shape)}; "

@@ -12,10 +12,13 @@ Depth extrapolation (``--num_layers=N``): every layer past ``first_k_dense_repla
 MoE block, so every byte count and the FLOPs are affine in the depth L. The planner compiles
 depths N and N + 1 and extrapolates each figure f to the full depth:
 
-    f(L) = f(N) + (L - N) · (f(N + 1) - f(N))
+    f(L) = f(N) + (L - N) · max(0, f(N + 1) - f(N))
 
 Exact for the arguments (parameters, optimizer state, cache); for temporaries it assumes XLA's
-schedule keeps the per-layer footprint constant, which a compile at full depth can confirm.
+schedule keeps the per-layer footprint constant, which a compile at full depth can confirm. A
+layer never frees memory: a negative difference (XLA packed the deeper program's temporaries
+tighter; seen on Ling-1T at moe_token_chunk 64, 8.01 then 7.82 GiB) is heap-layout noise, and
+the figure stays at its depth-N value rather than shrinking towards zero or below.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def extrapolate(shallow: ProgramReport, deeper: ProgramReport, num_layers: int
 
     def line(name: str) -> float:
         a, b = getattr(shallow, name), getattr(deeper, name)
-        return a + extra * (b - a)
+        return a + extra * max(b - a, 0.0)
 
     fields = {name: line(name) for name in (*MEMORY_FIELDS, "flops", "bytes_accessed")}
     return ProgramReport(program=shallow.program, num_layers=num_layers, **fields,
@@ -102,8 +105,9 @@ def format_table(reports: Sequence[ProgramReport], hbm_bytes: float, headroom: f
     for r in reports:
         layers = str(r.num_layers)
         if r.extrapolated_from:
+            taken = ", taken as 0" if r.temp_per_layer < 0 else ""
             layers += (f" (fit of {r.extrapolated_from[0]}, {r.extrapolated_from[1]}; temp "
-                       f"{r.temp_per_layer / GiB:+.3g} per layer)")
+                       f"{r.temp_per_layer / GiB:+.3g} per layer{taken})")
         rows.append(
             f"| {r.program} | {layers} | {_gib(r.argument)} | {_gib(r.output)} | "
             f"{_gib(r.alias)} | {_gib(r.temp)} | {_gib(r.code)} | {_gib(r.peak)} | "

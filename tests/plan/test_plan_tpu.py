@@ -35,7 +35,7 @@ def v5p_2x2x1():
     return hardware.get_topology("v5p:2x2x1")
 
 
-def test_tiny_rl_step_and_decode_compile_and_report_memory(v5p_2x2x1):
+def test_tiny_rl_step_and_decode_compile_and_report_memory(v5p_2x2x1, tmp_path):
     cfg = _pod_config("tiny,batch=8,seq=64,slots=8,cache=64")
     mesh = hardware.make_mesh(v5p_2x2x1, {"fsdp": 2, "expert": 2})
     # The engine on its own (smaller) mesh: the first two chips, slots split over data.
@@ -44,7 +44,7 @@ def test_tiny_rl_step_and_decode_compile_and_report_memory(v5p_2x2x1):
     # tests/conftest.py sets "highest" matmul precision for CPU parity; the TPU ragged_dot
     # kernel rejects fp32 contraction of bf16 operands, so compile as a TPU run would.
     with jax.default_matmul_precision("default"):
-        step, decode = plan.plan(cfg, meshes, ["rl_step", "decode"])
+        step, decode = plan.plan(cfg, meshes, ["rl_step", "decode"], dump_dir=str(tmp_path))
     for r, name in ((step, "rl_step"), (decode, "decode")):
         program = programs.PROGRAMS[name](cfg, meshes)
         # XLA holds at least the arguments' shards (TPU pads small arrays to tiles).
@@ -53,6 +53,11 @@ def test_tiny_rl_step_and_decode_compile_and_report_memory(v5p_2x2x1):
         assert r.num_layers == 2 and r.fits(v5p_2x2x1.hbm_per_device), name
     assert decode.alias > 0  # the slot state is donated: updated in place
     assert programs.PROGRAMS["decode"](cfg, meshes).mesh is engine_mesh
+    # --dump_dir: XLA's account of each compile, with the buffers live at the peak.
+    for name in ("rl_step_L2", "decode_L2"):
+        assert list((tmp_path / name).glob("*memory-usage-report.txt")), name
+        live = (tmp_path / name).glob("*live-range.txt")
+        assert any("(peak)" in f.read_text() for f in live), name
 
 
 def test_optimizer_state_is_sharded_like_the_params(v5p_2x2x1):

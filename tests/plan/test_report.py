@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from ring_jax.config import ConfigError
-from ring_jax.plan import check_depth, hardware, report
+from ring_jax.plan import check_depth, dump_options, hardware, report
 from ring_jax.model import presets
 from ring_jax.rollout.engine import EngineConfig
 from ring_jax.train import experiment
@@ -42,6 +42,11 @@ def test_extrapolation_is_the_line_through_two_depths():
     assert full.compile_s == 3.0
     assert full.temp_per_layer == 1 * GiB
     assert "| 20 (fit of 2, 3; temp +1 per layer) |" in report.format_table([full], 95 * GiB)
+    # A layer never frees memory: a deeper compile with fewer temporaries (XLA's heap packing)
+    # keeps the depth-N figure; extrapolating the dip would give 4 - 18 = -14 GiB at depth 20.
+    dip = report.extrapolate(shallow, _report(3, argument=13 * GiB, temp=3 * GiB), 20)
+    assert dip.temp == 4 * GiB and dip.temp_per_layer == -1 * GiB
+    assert "temp -1 per layer, taken as 0) |" in report.format_table([dip], 95 * GiB)
     # A slope from non-consecutive depths would be off by their distance.
     with pytest.raises(ValueError, match="N and N \\+ 1"):
         report.extrapolate(shallow, _report(4, 16 * GiB, 6 * GiB), 20)
@@ -80,6 +85,12 @@ def test_depth_must_keep_a_moe_layer():
     check_depth(cfg, 2)
     with pytest.raises(ConfigError, match="num_layers=1 is invalid: must be >= 2"):
         check_depth(cfg, 1)
+
+
+def test_dump_goes_to_one_folder_per_program_and_depth():
+    assert dump_options(None, "rl_step", 2) is None and dump_options("", "rl_step", 2) is None
+    assert dump_options("/d", "rl_step", 2) == {"xla_dump_to": "/d/rl_step_L2"}
+    assert dump_options("/d", "rl_step", 3) != dump_options("/d", "rl_step", 2)
 
 
 def test_missing_libtpu_says_how_to_install(monkeypatch):
