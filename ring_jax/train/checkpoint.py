@@ -49,6 +49,8 @@ import errno
 import logging
 import os
 import shutil
+import threading
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -291,6 +293,19 @@ def _free_space(path: str) -> str:
     return f"{free:.1f} {unit}"
 
 
+_THREAD_JOIN_TIMEOUT_S = 30.0
+
+
+def _join_orbax_threads_started_since(threads_before: set[threading.Thread], *,
+                                      timeout_s: float) -> None:
+    """Waits (at most `timeout_s` in all) for the orbax threads (its own `Thread` subclasses,
+    not executor workers, which live on) not in `threads_before` to end."""
+    deadline = time.monotonic() + timeout_s
+    for thread in set(threading.enumerate()) - threads_before:
+        if type(thread).__module__.startswith("orbax."):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class _DropOrbaxDiskFullLogs(logging.Filter):
     """orbax logs a full disk from each of its background threads with a traceback (hundreds
     of lines); `DiskFullError` says it once instead, so those records are dropped."""
@@ -358,13 +373,21 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _disk_errors(self) -> Iterator[None]:
-        """Turns orbax's many-times-wrapped ENOSPC into one `DiskFullError` line."""
+        """Turns orbax's many-times-wrapped ENOSPC into one `DiskFullError` line.
+
+        A failed save can leave orbax threads it started still running (a metadata writer
+        waiting on the failed commits); if the process then exits, they fail against the
+        interpreter's shut-down executors and print their own tracebacks. They are joined
+        before the error is raised, so the error is the last thing the save does.
+        """
+        threads_before = set(threading.enumerate())
         try:
             yield
         except Exception as e:
             if not _is_disk_full(e):
                 raise
             self._failed = True
+            _join_orbax_threads_started_since(threads_before, timeout_s=_THREAD_JOIN_TIMEOUT_S)
             raise DiskFullError(f"no space left on device writing checkpoints under "
                                 f"{self.directory} ({_free_space(self.directory)} free)") from None
 

@@ -482,3 +482,31 @@ def test_disk_full_is_one_line(tmp_path, mode):
                                 f"device writing checkpoints under {mount}/ckpt (")
     assert lines[-1].endswith(" free)")
     assert "orbax" not in proc.stderr
+
+
+def test_disk_full_joins_the_orbax_threads_the_save_started(tmp_path, monkeypatch):
+    """A failed save's lingering orbax thread (a metadata writer waiting on the failed
+    commits) has ended when `DiskFullError` is raised, so an exit right after cannot race it
+    (it used to print tracebacks against the interpreter's shut-down executors)."""
+    import errno
+    import threading
+
+    finished = threading.Event()
+
+    class LingeringWriter(threading.Thread):
+        def run(self):
+            time.sleep(0.5)
+            finished.set()
+
+    LingeringWriter.__module__ = "orbax.checkpoint.fake"
+
+    def failing_save(*args, **kwargs):
+        LingeringWriter().start()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+    monkeypatch.setattr(ckpt._manager, "save", failing_save)
+    with pytest.raises(checkpoint.DiskFullError):
+        ckpt.save(1, state=_state(1))
+    assert finished.is_set()
+    ckpt.close()
