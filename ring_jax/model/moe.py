@@ -18,7 +18,7 @@
     runs it over that many local tokens at a time, so the gathered and K-times repeated
     buffers exist for one chunk at a time (what bounds the RL step's memory at pod scale).
     The sort into expert order and the un-sort back are row gathers both ways
-    (`permute_rows`): no [A, D] scatter in the forward or the backward.
+    (`sorted_assignment_rows`, `permute_rows`): no [A, D] scatter in the forward or the backward.
 
 All three compute y = Σ_k w_k · Expert_{id_k}(x) for the routed experts; the shared experts are
 added by `MoEBlock`.
@@ -217,8 +217,8 @@ def permute_rows(x_AD, perm_A, inverse_A):
     return _take_rows(x_AD, perm_A)
 
 
-def _take_rows(x_AD, rows_A):
-    return x_AD.at[rows_A].get(mode="promise_in_bounds", unique_indices=True)
+def _take_rows(x_ND, rows_A):
+    return x_ND.at[rows_A].get(mode="promise_in_bounds")
 
 
 def _permute_rows_fwd(x_AD, perm_A, inverse_A):
@@ -231,6 +231,29 @@ def _permute_rows_bwd(res, ct_AD):
 
 
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sorted_assignment_rows(x_XD, order_A, inverse_A, K):
+    """The input row of each (token, k) assignment in sorted order: ``repeat(x_XD, K)[order_A]``
+    as one gather of token rows (no repeated [X·K, D] copy), with ``inverse_A`` the inverse of
+    the permutation ``order_A``. Its cotangent is a gather too: token t's gradient is the sum
+    of its K assignments' rows, ``ct_AD[inverse_A].reshape(X, K, D).sum(1)`` (plain indexing
+    would transpose to a scatter-add of [A, D] rows)."""
+    return _take_rows(x_XD, order_A // K)
+
+
+def _sorted_assignment_rows_fwd(x_XD, order_A, inverse_A, K):
+    return _take_rows(x_XD, order_A // K), (inverse_A,)
+
+
+def _sorted_assignment_rows_bwd(K, res, ct_AD):
+    (inverse_A,) = res
+    ct_XD = _take_rows(ct_AD, inverse_A).reshape(-1, K, ct_AD.shape[1]).sum(1)
+    return ct_XD, None, None
+
+
+sorted_assignment_rows.defvjp(_sorted_assignment_rows_fwd, _sorted_assignment_rows_bwd)
 
 
 def _ragged_dispatch(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
@@ -252,7 +275,7 @@ def _ragged_dispatch(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
     order_A = jnp.argsort(group_A, stable=True)
     inverse_A = inverse_permutation(order_A)
     group_sizes = jnp.bincount(group_A, length=E_local + 1)[:E_local].astype(jnp.int32)
-    x_AD = permute_rows(jnp.repeat(x_XD, K, axis=0), order_A, inverse_A)
+    x_AD = sorted_assignment_rows(x_XD, order_A, inverse_A, K)
     h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate, group_sizes))
             * jax.lax.ragged_dot(x_AD, w_up, group_sizes))
     out_AD = jax.lax.ragged_dot(h_AF, w_down, group_sizes)

@@ -254,6 +254,23 @@ def test_permute_rows_equals_indexing_in_value_and_grad(num_rows, seed):
     np.testing.assert_array_equal(np.asarray(vjp(ct)[0]), np.asarray(vjp_ref(ct)[0]))
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_sorted_assignment_rows_equals_repeat_then_index(num_tokens, k, seed):
+    """`moe.sorted_assignment_rows` is ``repeat(x, K)[order]`` in value and gradient (each
+    token's gradient the sum over its K sorted rows), for any permutation ``order``."""
+    k_perm, k_x, k_ct = jax.random.split(jax.random.key(seed), 3)
+    order = jax.random.permutation(k_perm, num_tokens * k).astype(jnp.int32)
+    inverse = moe.inverse_permutation(order)
+    x = jax.random.normal(k_x, (num_tokens, 3))
+    ct = jax.random.normal(k_ct, (num_tokens * k, 3))
+    y, vjp = jax.vjp(lambda a: moe.sorted_assignment_rows(a, order, inverse, k), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: jnp.repeat(a, k, axis=0)[order], x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(np.asarray(vjp(ct)[0]), np.asarray(vjp_ref(ct)[0]), rtol=1e-6,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [0, 8])
 def test_ragged_dispatch_scatters_no_rows(inputs, chunk):
     """The ragged dispatch's forward and backward (remat per chunk included) sort and un-sort
