@@ -211,9 +211,9 @@ def permute_rows(x_AD, perm_A, inverse_A):
 
     Why not plain indexing or ``.at[perm].set``: the transpose of a gather is a scatter-add, and
     JAX differentiates an overwriting scatter with non-unique indices by scattering a u32 id per
-    element and comparing them (u32 and pred [A, D] buffers); at Ling-1T's shapes those were
-    1 GiB allocations per MoE layer that XLA's TPU heap did not reuse across layers (BUILD.md
-    "Will it fit?"). A permutation has neither problem: each direction is one row gather."""
+    element and comparing them (u32 and pred [A, D] buffers: 1 GiB each per MoE layer for
+    Ling-1T at chunk 256). A permutation needs neither: each direction is one row gather
+    (the RL step's bytes accessed about halve, BUILD.md "Will it fit?")."""
     return _take_rows(x_AD, perm_A)
 
 
@@ -222,11 +222,11 @@ def _take_rows(x_ND, rows_A):
 
 
 def _permute_rows_fwd(x_AD, perm_A, inverse_A):
-    return _take_rows(x_AD, perm_A), (perm_A, inverse_A)
+    return _take_rows(x_AD, perm_A), (inverse_A,)
 
 
 def _permute_rows_bwd(res, ct_AD):
-    perm_A, inverse_A = res
+    (inverse_A,) = res
     return _take_rows(ct_AD, inverse_A), None, None
 
 
