@@ -18,7 +18,8 @@ attention 512 queries at a time (``model.attention_chunk``: float32 scores [512,
 (``model.moe_token_chunk``: its all-gathered, K-times repeated [P·chunk·K, D] buffers for one
 chunk at a time; 64 for Ling-1T, whose D = 8192 doubles them and whose 80 layers multiply what
 XLA keeps of them per layer). All three are exact. With them Ling-flash's RL step fits a v5p-512
-(35.3 GiB per chip); Ling-1T's was not yet shown to (BUILD.md). The model
+(29.0 GiB per chip); Ling-1T's is not shown to: the live bytes would fit, but XLA's temp heap
+does not grow as a line in the depth, so its extrapolations disagree (BUILD.md). The model
 presets themselves keep the CPU defaults (none of the three), and ``tiny``/``small`` get none here
 either (`--config.model.*` adds them).
 """

@@ -17,6 +17,8 @@
     is unimplemented on CPU, so the dropless path does not use it). ``model.moe_token_chunk``
     runs it over that many local tokens at a time, so the gathered and K-times repeated
     buffers exist for one chunk at a time (what bounds the RL step's memory at pod scale).
+    The sort into expert order and the un-sort back are row gathers both ways
+    (`sorted_assignment_rows`, `permute_rows`): no [A, D] scatter in the forward or the backward.
 
 All three compute y = Σ_k w_k · Expert_{id_k}(x) for the routed experts; the shared experts are
 added by `MoEBlock`.
@@ -195,6 +197,65 @@ def _ragged_chunked(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down, chu
     return y_NCD.reshape(num_chunks * chunk, D)[:X]
 
 
+def inverse_permutation(perm_A):
+    """``inv`` with ``inv[perm[i]] = i``: one int32 scatter of [A] (unique indices)."""
+    A = perm_A.shape[0]
+    return jnp.zeros((A,), jnp.int32).at[perm_A].set(
+        jnp.arange(A, dtype=jnp.int32), unique_indices=True, mode="promise_in_bounds")
+
+
+@jax.custom_vjp
+def permute_rows(x_AD, perm_A, inverse_A):
+    """``x_AD[perm_A]`` for a permutation ``perm_A`` whose inverse is ``inverse_A``, as a gather
+    in the forward AND the backward (the cotangent is ``ct_AD[inverse_A]``).
+
+    Why not plain indexing or ``.at[perm].set``: the transpose of a gather is a scatter-add, and
+    JAX differentiates an overwriting scatter with non-unique indices by scattering a u32 id per
+    element and comparing them (u32 and pred [A, D] buffers: 1 GiB each per MoE layer for
+    Ling-1T at chunk 256). A permutation needs neither: each direction is one row gather
+    (the RL step's bytes accessed about halve, BUILD.md "Will it fit?")."""
+    return _take_rows(x_AD, perm_A)
+
+
+def _take_rows(x_ND, rows_A):
+    return x_ND.at[rows_A].get(mode="promise_in_bounds")
+
+
+def _permute_rows_fwd(x_AD, perm_A, inverse_A):
+    return _take_rows(x_AD, perm_A), (inverse_A,)
+
+
+def _permute_rows_bwd(res, ct_AD):
+    (inverse_A,) = res
+    return _take_rows(ct_AD, inverse_A), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sorted_assignment_rows(x_XD, order_A, inverse_A, K):
+    """The input row of each (token, k) assignment in sorted order: ``repeat(x_XD, K)[order_A]``
+    as one gather of token rows (no repeated [X·K, D] copy), with ``inverse_A`` the inverse of
+    the permutation ``order_A``. Its cotangent is a gather too: token t's gradient is the sum
+    of its K assignments' rows, ``ct_AD[inverse_A].reshape(X, K, D).sum(1)`` (plain indexing
+    would transpose to a scatter-add of [A, D] rows)."""
+    return _take_rows(x_XD, order_A // K)
+
+
+def _sorted_assignment_rows_fwd(x_XD, order_A, inverse_A, K):
+    return _take_rows(x_XD, order_A // K), (inverse_A,)
+
+
+def _sorted_assignment_rows_bwd(K, res, ct_AD):
+    (inverse_A,) = res
+    ct_XD = _take_rows(ct_AD, inverse_A).reshape(-1, K, ct_AD.shape[1]).sum(1)
+    return ct_XD, None, None
+
+
+sorted_assignment_rows.defvjp(_sorted_assignment_rows_fwd, _sorted_assignment_rows_bwd)
+
+
 def _ragged_dispatch(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
                      expert_axis, tensor_axis):
     """Every (token, expert) assignment sorted by local expert and run with `ragged_dot`. With
@@ -212,12 +273,13 @@ def _ragged_dispatch(x_XD, ids_XK, weights_XK, valid_X, w_gate, w_up, w_down,
     mine_A = jnp.repeat(valid_X, K) & (local_A >= 0) & (local_A < E_local)
     group_A = jnp.where(mine_A, local_A, E_local)  # others sort last, outside every group
     order_A = jnp.argsort(group_A, stable=True)
+    inverse_A = inverse_permutation(order_A)
     group_sizes = jnp.bincount(group_A, length=E_local + 1)[:E_local].astype(jnp.int32)
-    x_AD = jnp.repeat(x_XD, K, axis=0)[order_A]
+    x_AD = sorted_assignment_rows(x_XD, order_A, inverse_A, K)
     h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate, group_sizes))
             * jax.lax.ragged_dot(x_AD, w_up, group_sizes))
     out_AD = jax.lax.ragged_dot(h_AF, w_down, group_sizes)
-    y_AD = jnp.zeros_like(out_AD).at[order_A].set(out_AD)
+    y_AD = permute_rows(out_AD, inverse_A, order_A)  # back to (token, k) order
     coef_A = jnp.where(mine_A, weights_XK.reshape(-1), 0.0).astype(y_AD.dtype)
     y_XD = (y_AD * coef_A[:, None]).reshape(-1, K, D).sum(1)
     if tensor_axis is not None:

@@ -117,6 +117,10 @@ class RLConfig:
     # forward (stop_gradient) instead of recomputing it; exact, one forward fewer; needs
     # num_minibatches = num_microbatches = 1 (`rl_step` docstring).
     logp_old_from_update: bool = False
+    # Donate the train state to the jitted step (its output reuses the input's buffers: one
+    # state's memory less per chip); the engine then gets its own copy of any array it would
+    # share with the state (`train.donation`).
+    donate_state: bool = False
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
@@ -130,6 +134,8 @@ class RLConfig:
                          self.allow_trainer_drops, "must be a bool")
         config_lib.check(isinstance(self.logp_old_from_update, bool), "logp_old_from_update",
                          self.logp_old_from_update, "must be a bool")
+        config_lib.check(isinstance(self.donate_state, bool), "donate_state",
+                         self.donate_state, "must be a bool")
         config_lib.check(not self.logp_old_from_update
                          or (self.num_minibatches, self.num_microbatches) == (1, 1),
                          "logp_old_from_update", self.logp_old_from_update,

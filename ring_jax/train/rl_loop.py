@@ -40,7 +40,7 @@ from ring_jax.rl import advantages as advantages_lib
 from ring_jax.rollout.engine import Engine
 from ring_jax.scheduler import Scheduler
 from ring_jax.train import checkpoint as checkpoint_lib
-from ring_jax.train import config_history, distributed, evaluate, experiment, health
+from ring_jax.train import config_history, distributed, donation, evaluate, experiment, health
 from ring_jax.train import init_from as init_from_lib
 from ring_jax.train import multihost, optim, preemption, rl_step, sft
 from ring_jax.train import metrics as metrics_lib
@@ -138,6 +138,8 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
 
     variables = multihost.to_engine({"params": state["params"], "router": state["router"]},
                                    cfg.mesh.engine)
+    if cfg.rl.donate_state:  # the first step deletes the state's buffers
+        variables = donation.unaliased(variables, state)
     engine_kw = dict(precision=cfg.precision, version=start, moe_impl=cfg.engine_moe_impl,
                      mesh=multihost.engine_mesh(mesh, cfg.mesh.engine), detokenize=tokenizer.decode)
     engine = Engine.from_model(cfg.model, variables, cfg.engine, **engine_kw)
@@ -216,6 +218,8 @@ def _run(cfg: experiment.ExperimentConfig, workdir: str,
             # Weight sync: the scheduler installs version `step` at its next iteration boundary.
             variables = multihost.to_engine({"params": state["params"],
                                              "router": state["router"]}, cfg.mesh.engine)
+            if cfg.rl.donate_state:  # the next step deletes the state's buffers
+                variables = donation.unaliased(variables, state)
             scheduler.update_weights(variables, step)
 
             metrics = {k: float(v) for k, v in train_metrics.items()}

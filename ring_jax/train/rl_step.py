@@ -225,15 +225,17 @@ def make_rl_train_step(model, tx: optax.GradientTransformation, loss_cfg: losses
 
 def jit_rl_train_step(model, tx: optax.GradientTransformation, rl_cfg: Any) -> Callable:
     """The jitted train step as `rl_loop` runs it (and `ring_jax.plan` compiles it), built from
-    an ``RLConfig`` (`ring_jax.train.experiment`). The state is not donated: the engine may hold
-    the very router arrays the state owns (an unchanged jit input comes back as itself)."""
+    an ``RLConfig`` (`ring_jax.train.experiment`). The state is donated when
+    ``rl_cfg.donate_state`` (the new state takes the old one's buffers); its caller must then
+    keep no other reference to the state's arrays (`rl_loop` gives the engine copies,
+    `train.donation.unaliased`)."""
     step_fn = make_rl_train_step(
         model, tx, rl_cfg.loss, num_minibatches=rl_cfg.num_minibatches,
         router_bias_rate=rl_cfg.router_bias_rate, router_replay=rl_cfg.router_replay,
         logprob_chunk=rl_cfg.logprob_chunk, optim_cfg=rl_cfg.optim,
         num_microbatches=rl_cfg.num_microbatches,
         logp_old_from_update=rl_cfg.logp_old_from_update)
-    return jax.jit(step_fn)
+    return jax.jit(step_fn, donate_argnums=(0,) if rl_cfg.donate_state else ())
 
 
 def _row_mean(values_B: jax.Array, loss_mask_BT: jax.Array) -> jax.Array:

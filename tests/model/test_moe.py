@@ -224,3 +224,61 @@ def test_ragged_token_chunk_bounds_the_assignment_buffers(inputs):
         dims[chunk] = _intermediate_dims(jax.make_jaxpr(run)(x, w, *weights, ids, valid).jaxpr)
     assert B * T * K in dims[0]
     assert B * T * K not in dims[8] and 8 * K in dims[8]
+
+
+def _scatter_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The operand shape of every scatter-like equation in ``jaxpr`` (sub-jaxprs included)."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("scatter"):
+            shapes.append(eqn.invars[0].aval.shape)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            shapes += _scatter_operand_shapes(sub)
+    return shapes
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_permute_rows_equals_indexing_in_value_and_grad(num_rows, seed):
+    """`moe.permute_rows` is ``x[perm]`` with the cotangent gathered by the inverse
+    permutation; value and gradient equal plain indexing's for any permutation."""
+    k_perm, k_x, k_ct = jax.random.split(jax.random.key(seed), 3)
+    perm = jax.random.permutation(k_perm, num_rows).astype(jnp.int32)
+    inverse = moe.inverse_permutation(perm)
+    np.testing.assert_array_equal(np.asarray(inverse), np.argsort(np.asarray(perm)))
+    x = jax.random.normal(k_x, (num_rows, 3))
+    ct = jax.random.normal(k_ct, (num_rows, 3))
+    y, vjp = jax.vjp(lambda a: moe.permute_rows(a, perm, inverse), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: a[perm], x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(vjp(ct)[0]), np.asarray(vjp_ref(ct)[0]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_sorted_assignment_rows_equals_repeat_then_index(num_tokens, k, seed):
+    """`moe.sorted_assignment_rows` is ``repeat(x, K)[order]`` in value and gradient (each
+    token's gradient the sum over its K sorted rows), for any permutation ``order``."""
+    k_perm, k_x, k_ct = jax.random.split(jax.random.key(seed), 3)
+    order = jax.random.permutation(k_perm, num_tokens * k).astype(jnp.int32)
+    inverse = moe.inverse_permutation(order)
+    x = jax.random.normal(k_x, (num_tokens, 3))
+    ct = jax.random.normal(k_ct, (num_tokens * k, 3))
+    y, vjp = jax.vjp(lambda a: moe.sorted_assignment_rows(a, order, inverse, k), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: jnp.repeat(a, k, axis=0)[order], x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(np.asarray(vjp(ct)[0]), np.asarray(vjp_ref(ct)[0]), rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_ragged_dispatch_scatters_no_rows(inputs, chunk):
+    """The ragged dispatch's forward and backward (remat per chunk included) sort and un-sort
+    the [A, D] assignment rows by gathers only (`moe.permute_rows`): the only scatters left are
+    over 1-D integer arrays (the inverse permutation, the group sizes). An ``.at[order].set``
+    un-sort, or plain indexing whose transpose is a scatter-add, would show a 2-D operand (on
+    TPU the former became u32 and pred [A, D] buffers per MoE layer, BUILD.md "Will it fit?")."""
+    cfg, x, ids, w, valid, weights = inputs
+    run = _grad_fn(dataclasses.replace(cfg, moe_impl="ragged", moe_token_chunk=chunk))
+    shapes = _scatter_operand_shapes(jax.make_jaxpr(run)(x, w, *weights, ids, valid).jaxpr)
+    assert shapes and all(len(s) == 1 for s in shapes), shapes

@@ -40,6 +40,7 @@ INVALID = [
     ({"rl.num_minibatches": 3}, "rl.num_minibatches=3 is invalid: must divide"),
     ({"rl.logp_old_from_update": True, "rl.num_minibatches": 2},
      "rl.logp_old_from_update=True is invalid: True needs rl.num_minibatches=1"),
+    ({"rl.donate_state": "yes"}, "rl.donate_state='yes' is invalid: must be a bool"),
     ({"model.preset": "huge"}, "model.preset='huge' is invalid: must be one of"),
     ({"model.n_group": 3}, "model.n_group=3 is invalid: must divide num_experts=8"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads=3 is invalid: must divide num_heads=4"),

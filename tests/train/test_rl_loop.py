@@ -71,6 +71,19 @@ def test_bad_override_fails_before_compiling(tmp_path):
 
 
 @pytest.mark.slow
+def test_donated_state_run_matches_reference(reference_run, tmp_path):
+    """``rl.donate_state``: the engine, the scheduler and evaluation keep working on copies of
+    the weights the donated step deletes; every step's metrics equal the undonated run's."""
+    _run(str(tmp_path), extra=("--config.rl.donate_state=True",))
+    donated, reference = _metrics(str(tmp_path)), _metrics(reference_run)
+    assert sorted(donated) == sorted(reference)
+    for step in reference:
+        for key, value in reference[step].items():
+            np.testing.assert_allclose(donated[step][key], value, rtol=0, atol=0,
+                                       err_msg=f"step {step} {key}")
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(reference_run, tmp_path):
     """Kill -9 twice (once during RL step 1 or 2, once later), resume each time; the metrics of
     every step equal the uninterrupted run's."""
