@@ -79,6 +79,12 @@ class ModelConfig:
     # [P·chunk·K, ·] instead of [P·X·K, ·] (P expert shards, X local tokens). Same result,
     # still dropless (`moe._ragged_chunked`); the other dispatches ignore it.
     moe_token_chunk: int = 0
+    # Run the MoE layers of a full-sequence forward (training, log-probs; not the cached
+    # decode) as one `lax.scan` over their weights stacked per call, instead of a Python loop:
+    # one compiled copy of the block and one placement of its buffers, whatever the depth.
+    # Same parameters and result (`Transformer._scan_moe_layers`); costs a stacked copy of
+    # the MoE layers' weights (and of their gradients in the backward pass) per forward.
+    scan_layers: bool = False
 
     def __post_init__(self):
         c = config_lib
@@ -133,6 +139,8 @@ class ModelConfig:
         c.check_one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
         c.check_int("attention_chunk", self.attention_chunk, min_value=0)
         c.check_int("moe_token_chunk", self.moe_token_chunk, min_value=0)
+        c.check(isinstance(self.scan_layers, bool), "scan_layers", self.scan_layers,
+                "must be a bool")
 
     @property
     def is_moe(self) -> bool:

@@ -127,7 +127,10 @@ class Transformer(nn.Module):
 
         new_cache, layer_stats = [], []
         block = block_class(cfg)
-        for i in range(cfg.num_layers):
+        # Initialisation creates every layer by the loop, so the parameter tree is the same.
+        scan = cfg.scan_layers and cache is None and not self.is_initializing()
+        looped_layers = cfg.first_k_dense_replace if scan else cfg.num_layers
+        for i in range(looped_layers):
             moe_index = i - cfg.first_k_dense_replace
             forced = (forced_expert_ids[moe_index]
                       if forced_expert_ids is not None and cfg.is_moe_layer(i) else None)
@@ -137,6 +140,10 @@ class Transformer(nn.Module):
             new_cache.append(layer_cache)
             if stats is not None:
                 layer_stats.append(stats)
+        if scan and looped_layers < cfg.num_layers:
+            x_BTD, moe_stats = self._scan_moe_layers(x_BTD, cos, sin, mask_BTS, valid_BT,
+                                                     positions_BT, forced_expert_ids)
+            layer_stats.extend(moe_stats)
 
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
         h_BTD = RMSNorm(**norm, name="final_norm")(x_BTD)
@@ -152,6 +159,45 @@ class Transformer(nn.Module):
         if cache is None:
             return out, aux
         return out, aux, tuple(new_cache)
+
+    def _scan_moe_layers(self, x_BTD, cos, sin, mask_BTS, valid_BT, positions_BT,
+                         forced_expert_ids):
+        """The MoE layers (`first_k_dense_replace` .. L - 1, all alike) as one `lax.scan` over
+        their variables stacked along a new leading axis (`ModelConfig.scan_layers`).
+
+        The stored tree keeps one `layers_{i}` entry per layer; each call stacks them (the
+        gradient flows back to every layer's own entry) and lays the stack out like one layer
+        with the layer axis unsplit. Each step applies an unbound `Block` to its slice, under
+        the same `remat_policy` as the loop. Returns the output and one stats dict per layer.
+        """
+        cfg = self.cfg
+        first = cfg.first_k_dense_replace
+        names = [f"layers_{i}" for i in range(first, cfg.num_layers)]
+        block = Block(cfg, first, parent=None)
+        layer_inputs = (x_BTD, cos, sin, mask_BTS, valid_BT, positions_BT, None, None)
+        logical_axes = nn.get_partition_spec(jax.eval_shape(
+            lambda: block.init(jax.random.key(0), *layer_inputs)))
+        stacked_LV = {}
+        for collection, per_layer in self.variables.items():
+            if names[0] not in per_layer:
+                continue
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                   *[per_layer[name] for name in names])
+            stacked_LV[collection] = jax.tree.map(
+                lambda axes, leaf_L: constrain(leaf_L, (None, *axes)),
+                logical_axes[collection], stacked,
+                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+        def layer(x_BTD, variables_and_forced):
+            variables, forced = variables_and_forced
+            x_BTD, _, stats = block.apply(variables, x_BTD, cos, sin, mask_BTS, valid_BT,
+                                          positions_BT, None, forced)
+            return x_BTD, stats
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+        x_BTD, stats_L = jax.lax.scan(layer, x_BTD, (stacked_LV, forced_expert_ids))
+        return x_BTD, [jax.tree.map(lambda a: a[j], stats_L) for j in range(len(names))]
 
     def _mask(self, positions_BT, segment_ids_BT, cache):
         """[B, T, S] attention mask. Full sequence: causal in token order, within a segment.

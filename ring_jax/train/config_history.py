@@ -51,7 +51,10 @@ SAFE_FIELDS = (
     "engine.warmup_buckets",
     "model.remat_policy",             # memory levers: same parameters, same update
     "model.attention_chunk",          # (ring_jax.plan measures them)
+    "model.moe_token_chunk",
+    "model.scan_layers",
     "rl.num_microbatches",
+    "rl.donate_state",
     "scheduler.prefetch_batches",     # async read-ahead: timing only (prefetched batches are
 )                                     # saved back as the ready groups they were built from)
 

@@ -34,7 +34,7 @@ from ring_jax.train import sft
 # MoE dispatch, not the architecture.
 FREE_FIELDS = ("param_dtype", "dtype", "moe_impl", "capacity_factor", "min_capacity",
                "num_mtp_layers", "initializer_range", "remat_policy", "attention_chunk",
-               "moe_token_chunk")
+               "moe_token_chunk", "scan_layers")
 KINDS = ("workdir", "hf")
 _ALLOWED = ("must be an SFT/RL workdir with a finished checkpoint in checkpoints/, or a local "
             "HF checkpoint directory (config.json + *.safetensors)")

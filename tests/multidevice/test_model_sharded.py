@@ -122,3 +122,11 @@ def test_sharded_decode_matches_single_device():
             mesh, cache_logical_axes(cfg)))
         got = run(placed, cache)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_sharded_scanned_layers_match_single_device():
+    """`scan_layers` under a mesh (with remat and token chunks, the pod recipe): the stacked
+    expert weights keep their layout inside the scan, and the result is the loop's."""
+    scanned = presets.get("tiny", moe_impl="ragged", capacity_factor=8.0, moe_token_chunk=5,
+                          remat_policy="full", scan_layers=True)
+    _check_mesh("ragged", (1, 2, 4, 1), Transformer(scanned))
