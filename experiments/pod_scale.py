@@ -14,13 +14,14 @@ are the defaults; any field can be overridden (``--config.model.moe_impl=capacit
 The recipe (`POD_LEVERS`, each measured by the planner in BUILD.md "Will it fit?"): every block
 rematerialised (``model.remat_policy=full``: the backward keeps one block input per layer),
 attention 512 queries at a time (``model.attention_chunk``: float32 scores [512, T], never
-[T, T]) and the ragged expert dispatch over chunks of the local tokens
+[T, T]), the ragged expert dispatch over chunks of the local tokens
 (``model.moe_token_chunk``: its all-gathered, K-times repeated [P·chunk·K, D] buffers for one
-chunk at a time; 64 for Ling-1T, whose D = 8192 doubles them and whose 80 layers multiply what
-XLA keeps of them per layer). All three are exact. With them Ling-flash's RL step fits a v5p-512
-(29.0 GiB per chip); Ling-1T's is not shown to: the live bytes would fit, but XLA's temp heap
-does not grow as a line in the depth, so its extrapolations disagree (BUILD.md). The model
-presets themselves keep the CPU defaults (none of the three), and ``tiny``/``small`` get none here
+chunk at a time; 64 for Ling-1T, whose D = 8192 doubles them) and, for Ling-1T, the MoE layers
+as one scan (``model.scan_layers``: one copy of the layer's code and one placement of its
+buffers, so memory grows by the same bytes per layer and the planner's depth fit holds). All
+four are exact. With them Ling-flash's RL step fits a v5p-512 (29.0 GiB per chip) and
+Ling-1T's too (54.3 GiB by the planner's most pessimistic pair; BUILD.md). The model presets
+themselves keep the CPU defaults (none of the four), and ``tiny``/``small`` get none here
 either (`--config.model.*` adds them).
 """
 import ml_collections
@@ -30,7 +31,7 @@ from ring_jax.train.experiment import complete, model_section, parse_config_arg
 PRESETS = ("tiny", "small", "ling_mini_2", "ling_flash_2", "ling_1t")
 _LEVERS = dict(remat_policy="full", attention_chunk=512, moe_token_chunk=512)
 POD_LEVERS = {"ling_mini_2": _LEVERS, "ling_flash_2": _LEVERS,
-              "ling_1t": {**_LEVERS, "moe_token_chunk": 64}}
+              "ling_1t": {**_LEVERS, "moe_token_chunk": 64, "scan_layers": True}}
 POD_BATCH = {"ling_flash_2": 512, "ling_1t": 512}  # default rows per RL step (else 64)
 
 
