@@ -3,7 +3,7 @@ fit?"): a Ling 2.0 preset at the issue's RL shapes, with the memory levers that 
 fit and nothing a pod would not run.
 
     python -m ring_jax.plan --config=experiments/pod_scale.py:ling_flash_2 \
-        --topology=v5p:8x8x8 --mesh=fsdp=8,expert=64 --program=rl_step --num_layers=2
+        --topology=v5p:8x8x8 --mesh=fsdp=8,expert=64 --program=rl_step --num_layers=3
 
 Args: a preset name (tiny, small, ling_mini_2, ling_flash_2, ling_1t; default ling_mini_2),
 then optional ``batch=B`` (rows per RL step; default 64, 512 for the two pod-sized presets: one
@@ -16,11 +16,11 @@ rematerialised (``model.remat_policy=full``: the backward keeps one block input 
 attention 512 queries at a time (``model.attention_chunk``: float32 scores [512, T], never
 [T, T]), the ragged expert dispatch over chunks of the local tokens
 (``model.moe_token_chunk``: its all-gathered, K-times repeated [P·chunk·K, D] buffers for one
-chunk at a time; 64 for Ling-1T, whose D = 8192 doubles them) and, for Ling-1T, the MoE layers
-as one scan (``model.scan_layers``: one copy of the layer's code and one placement of its
-buffers, so memory grows by the same bytes per layer and the planner's depth fit holds). All
-four are exact. With them Ling-flash's RL step fits a v5p-512 (29.0 GiB per chip) and
-Ling-1T's too (54.3 GiB by the planner's most pessimistic pair; BUILD.md). The model presets
+chunk at a time; 64 for Ling-1T, whose D = 8192 doubles them) and the MoE layers as one scan
+(``model.scan_layers``: one copy of the layer's code and one placement of its buffers, so
+memory grows by the same bytes per layer). All four are exact. With them every preset's whole
+RL step compiles to fit (per chip): Ling-mini 6.74 GiB on v6e-64 and 6.97 GiB on v5p-64,
+Ling-flash 14.3 GiB and Ling-1T 51.1 GiB on v5p-512 (BUILD.md). The model presets
 themselves keep the CPU defaults (none of the four), and ``tiny``/``small`` get none here
 either (`--config.model.*` adds them).
 """
@@ -29,9 +29,9 @@ import ml_collections
 from ring_jax.train.experiment import complete, model_section, parse_config_arg
 
 PRESETS = ("tiny", "small", "ling_mini_2", "ling_flash_2", "ling_1t")
-_LEVERS = dict(remat_policy="full", attention_chunk=512, moe_token_chunk=512)
+_LEVERS = dict(remat_policy="full", attention_chunk=512, moe_token_chunk=512, scan_layers=True)
 POD_LEVERS = {"ling_mini_2": _LEVERS, "ling_flash_2": _LEVERS,
-              "ling_1t": {**_LEVERS, "moe_token_chunk": 64, "scan_layers": True}}
+              "ling_1t": {**_LEVERS, "moe_token_chunk": 64}}
 POD_BATCH = {"ling_flash_2": 512, "ling_1t": 512}  # default rows per RL step (else 64)
 
 

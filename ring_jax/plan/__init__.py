@@ -8,7 +8,7 @@ mesh over that slice and reports, per device, the memory XLA assigned, whether i
 chip's HBM, FLOPs and bytes from the cost analysis, and the compile time (`report`).
 
     python -m ring_jax.plan --config=experiments/pod_scale.py:ling_mini_2 \\
-        --topology=v5p:4x4x4 --mesh=fsdp=4,expert=16 --program=all --num_layers=2
+        --topology=v5p:4x4x4 --mesh=fsdp=4,expert=16 --program=all --num_layers=3
 
 ``num_layers`` compiles shallower copies (depths N and N + 1) and extrapolates linearly to the
 model's depth (`report.extrapolate`), which keeps big presets' compiles to minutes.
@@ -75,15 +75,26 @@ def plan(cfg: Any, meshes: programs.Meshes, names: Sequence[str],
     return out
 
 
-def check_depth(cfg: Any, num_layers: int) -> None:
+# Programs whose forward runs the MoE layers as one scan under `model.scan_layers` (the
+# full-sequence ones; the engine's prefill and decode carry a KV cache and keep the loop).
+SCANNED_PROGRAMS = ("rl_step", "logprob")
+
+
+def check_depth(cfg: Any, num_layers: int, names: Sequence[str] = ()) -> None:
     """Depths N and N + 1 must both contain an MoE block, so each extra layer is one more of
-    the same (dense first layers would make the per-layer slope wrong)."""
+    the same (dense first layers would make the per-layer slope wrong); with
+    `model.scan_layers`, a scanned program needs two MoE layers at depth N (a scan of one layer
+    compiles differently: Ling-1T's depth-2 temporaries exceed depth 3's)."""
     from ring_jax.config import ConfigError
-    lowest = cfg.model.first_k_dense_replace + 1 if cfg.model.is_moe else 1
+    first = cfg.model.first_k_dense_replace
+    lowest, why = (first + 1, f"the {first} dense first layer(s) + one MoE layer, so the "
+                   "depth extrapolation adds MoE layers only") if cfg.model.is_moe else (1, "")
+    scanned = [n for n in names if n in SCANNED_PROGRAMS]
+    if cfg.model.is_moe and cfg.model.scan_layers and scanned:
+        lowest, why = first + 2, (f"the {first} dense first layer(s) + two MoE layers: "
+                                  f"{scanned} scan the MoE layers (model.scan_layers)")
     if num_layers < lowest:
-        raise ConfigError(f"num_layers={num_layers} is invalid: must be >= {lowest} (the "
-                          f"{cfg.model.first_k_dense_replace} dense first layer(s) + one MoE "
-                          "layer, so the depth extrapolation adds MoE layers only)")
+        raise ConfigError(f"num_layers={num_layers} is invalid: must be >= {lowest} ({why})")
 
 
 __all__ = ["plan", "compile_program", "check_depth", "with_depth", "dump_options", "hardware",

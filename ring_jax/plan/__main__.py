@@ -65,7 +65,7 @@ def main(argv):
             raise ConfigError(f"program={_PROGRAM.value!r} is invalid: must be 'all' or a "
                               f"comma-separated list of {list(programs.PROGRAMS)}")
         if _NUM_LAYERS.value is not None:
-            plan.check_depth(cfg, _NUM_LAYERS.value)
+            plan.check_depth(cfg, _NUM_LAYERS.value, names)
         hardware.parse_topology_name(_TOPOLOGY.value)
         topology = hardware.get_topology(_TOPOLOGY.value)
         sizes = (hardware.parse_mesh(_MESH.value) if _MESH.value

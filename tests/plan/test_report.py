@@ -1,4 +1,5 @@
 """The planner's arithmetic and argument checks; none of this needs libtpu."""
+import dataclasses
 import sys
 
 import pytest
@@ -85,6 +86,12 @@ def test_depth_must_keep_a_moe_layer():
     check_depth(cfg, 2)
     with pytest.raises(ConfigError, match="num_layers=1 is invalid: must be >= 2"):
         check_depth(cfg, 1)
+    # A scan of a single MoE layer is not one more of the same: scanned programs need two.
+    scanned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=True))
+    check_depth(scanned, 2, ["decode", "prefill"])
+    check_depth(scanned, 3, ["rl_step"])
+    with pytest.raises(ConfigError, match=r"num_layers=2 is invalid: must be >= 3 .*'logprob'"):
+        check_depth(scanned, 2, ["decode", "logprob"])
 
 
 def test_dump_goes_to_one_folder_per_program_and_depth():
