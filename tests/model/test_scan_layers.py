@@ -13,8 +13,8 @@ from ring_jax.model import Transformer, init_cache, presets
 
 from .conftest import random_variables
 
-# One dense layer, three MoE layers (the scanned ones), one MTP layer (looped after them).
-_CFG = presets.get("tiny", num_layers=4, num_mtp_layers=1, moe_impl="ragged")
+# One dense layer, two MoE layers (the scanned ones), one MTP layer (looped after them).
+_CFG = presets.get("tiny", num_layers=3, num_mtp_layers=1, moe_impl="ragged")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_scan_matches_loop_under_remat(setup):
     assert "scan[" not in jaxprs[0] and jaxprs[1].count("scan[") == 1
     looped = _forward_and_grads(cfg, variables, tokens_BT)
     _assert_same(_forward_and_grads(scan_cfg, variables, tokens_BT), looped)
-    # The three MoE layers' gradients differ from each other (each gets its own slice back).
-    moe = [looped[1][f"layers_{i}"]["moe"]["gate"] for i in (1, 2, 3)]
-    assert not np.allclose(moe[0], moe[1]) and not np.allclose(moe[1], moe[2])
+    # The MoE layers' gradients differ from each other (each gets its own slice back).
+    moe = [looped[1][f"layers_{i}"]["moe"]["gate"] for i in (1, 2)]
+    assert not np.allclose(moe[0], moe[1])
 
 
 def test_scan_matches_loop_under_router_replay(setup):
@@ -81,9 +81,9 @@ def test_scan_matches_loop_under_router_replay(setup):
 def test_cached_decode_keeps_the_loop(setup):
     tokens_BT, variables = setup
     cache = init_cache(_CFG, tokens_BT.shape[0], 16)
-    outs = [Transformer(dataclasses.replace(_CFG, scan_layers=scan)).apply(
-        variables, tokens_BT, cache=cache) for scan in (False, True)]
-    jax.tree.map(np.testing.assert_array_equal, outs[0], outs[1])
+    scan_model = Transformer(dataclasses.replace(_CFG, scan_layers=True))
+    assert "scan[" not in str(jax.make_jaxpr(
+        lambda v, t, c: scan_model.apply(v, t, cache=c))(variables, tokens_BT, cache))
 
 
 def test_scan_layers_is_validated():

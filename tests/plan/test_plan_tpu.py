@@ -83,7 +83,7 @@ def test_mesh_may_split_physical_axes_only_when_asked():
 @pytest.mark.slow
 def test_shallow_ling_mini_compiles_every_program():
     cfg = _pod_config("ling_mini_2,batch=16,seq=1024,slots=64,cache=1024")
-    cfg = plan.with_depth(cfg, 2)
+    cfg = plan.with_depth(cfg, 3)  # two MoE layers: the recipe's scan runs a real loop
     topology = hardware.get_topology("v5p:2x2x2")
     mesh = hardware.make_mesh(topology, {"fsdp": 2, "expert": 4})
     with jax.default_matmul_precision("default"):  # as in a TPU run (see above)
