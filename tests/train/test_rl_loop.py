@@ -127,7 +127,9 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     # processes; a float32 engine keeps that layout difference out of the recorded log-probs
     # (bf16 inference differs by ~1e-4 between the layouts, which moves the IcePop weights).
     extra = ("--config.rl.loss.entropy_coef=0.01", "--config.precision.dtype=float32")
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    # (Keeping the caller's XLA flags, as the launcher does for the two processes.)
+    env = {**_env(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
     proc = subprocess.run(_cmd(one, extra=extra), env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
