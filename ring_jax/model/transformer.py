@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
+from ring_jax import sharding as sharding_lib
 from ring_jax.model.config import ModelConfig
 from ring_jax.model.layers import (CACHE_LEN_AXIS, CACHE_LOGICAL_AXES, MLP, Attention, RMSNorm,
                                    cache_shape, constrain, make_param, normal_init,
@@ -174,19 +175,18 @@ class Transformer(nn.Module):
         first = cfg.first_k_dense_replace
         names = [f"layers_{i}" for i in range(first, cfg.num_layers)]
         block = Block(cfg, first, parent=None)
-        layer_inputs = (x_BTD, cos, sin, mask_BTS, valid_BT, positions_BT, None, None)
-        logical_axes = nn.get_partition_spec(jax.eval_shape(
-            lambda: block.init(jax.random.key(0), *layer_inputs)))
+        logical_axes = sharding_lib.param_logical_axes(
+            block, x_BTD, cos, sin, mask_BTS, valid_BT, positions_BT, None, None)
         stacked_LV = {}
         for collection, per_layer in self.variables.items():
             if names[0] not in per_layer:
                 continue
             stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
                                    *[per_layer[name] for name in names])
+            # (The axes tree holds a tuple where `stacked` holds a leaf.)
             stacked_LV[collection] = jax.tree.map(
-                lambda axes, leaf_L: constrain(leaf_L, (None, *axes)),
-                logical_axes[collection], stacked,
-                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+                lambda leaf_L, axes: constrain(leaf_L, (None, *axes)),
+                stacked, logical_axes[collection])
 
         def layer(x_BTD, variables_and_forced):
             variables, forced = variables_and_forced
